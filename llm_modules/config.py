@@ -1,0 +1,264 @@
+"""Typed configuration: dataclasses with defaults, validated on construction, YAML round-trip.
+
+Every section is a dataclass; `LLMModulesConfig.from_dict` rejects unknown keys and wrong types with the
+dotted key's name, collecting all problems into one message. Saved beside every checkpoint, so a model is
+rebuilt from that file alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import UserError, collect
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelSpec:
+    """One Hugging Face causal LM: by hub id / local path, or by an inline config dict (random weights)."""
+
+    name_or_path: Optional[str] = None
+    config: Optional[dict] = None  # inline HF config, e.g. {model_type: qwen2, hidden_size: 64, ...}
+    pretrained: bool = True  # small model only: load pretrained weights (True) or build from its config (False)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: Optional[str] = None
+    gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (transformers dequantizes it)
+
+    def problems(self, where: str) -> list[str]:
+        if (self.name_or_path is None) == (self.config is None):
+            return [f"{where}: give exactly one of `name_or_path` (hub id or local path) or `config` (inline dict)"]
+        if self.config is not None and "model_type" not in self.config:
+            return [f"{where}.config: needs a `model_type` (e.g. qwen2, llama, gpt_neo, gpt2, gemma3_text)"]
+        return []
+
+    @property
+    def identity(self) -> str:
+        """What names this model for checkpoint compatibility checks."""
+        if self.name_or_path is not None:
+            return f"{self.name_or_path}" + (f"@{self.revision}" if self.revision else "")
+        return "inline:" + yaml.safe_dump(self.config, sort_keys=True).replace("\n", " ").strip()
+
+
+@dataclass
+class LargeConfig(ModelSpec):
+    # Index into the large model's hidden states: 0 = embeddings, L = last layer; -1 = the last hidden state.
+    layer: int = -1
+
+
+@dataclass
+class SmallConfig(ModelSpec):
+    pretrained: bool = False  # the paper builds GPT-Neo-125M from its config (random weights)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class BridgeConfig:
+    num_layers: int = 2
+    num_heads: int = 8
+    adapter_dim: int = 256
+    dropout: float = 0.1
+    gate: Literal["learned", "fixed", "none"] = "learned"
+    gate_value: float = 0.5  # used when gate == "fixed"
+    # "paper": x = x + layer(x), where layer already returns g*a + (1-g)*x (the reference's double residual);
+    # "plain": x = layer(x).
+    residual: Literal["paper", "plain"] = "paper"
+    seed: int = 0  # seeds the random initialization of the bridge, the new LM head and a random small model
+
+    def problems(self, where: str) -> list[str]:
+        out = []
+        if self.num_layers < 0:
+            out.append(f"{where}.num_layers: {self.num_layers} must be >= 0")
+        if self.num_heads < 1:
+            out.append(f"{where}.num_heads: {self.num_heads} must be >= 1")
+        if self.adapter_dim < 1:
+            out.append(f"{where}.adapter_dim: {self.adapter_dim} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"{where}.dropout: {self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.gate_value <= 1.0:
+            out.append(f"{where}.gate_value: {self.gate_value} must be in [0, 1]")
+        return out
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from and how it becomes (input_ids, labels)."""
+
+    # A local .json / .jsonl / .parquet file, or a Hugging Face dataset id (users with hub access).
+    path: Optional[str] = None
+    hub_subset: Optional[str] = None  # e.g. "main" for openai/gsm8k
+    hub_split: str = "train"
+    # reasoning-gym generators (offline): task names, examples per task, generator seed.
+    reasoning_gym_tasks: list = field(default_factory=list)
+    reasoning_gym_size: int = 200
+    # Held-out data: an explicit file / dataset, else a fixed seeded fraction of the training records.
+    val_path: Optional[str] = None
+    val_fraction: float = 0.05
+    seed: int = 0
+    format: Literal["paper", "chat_template"] = "paper"
+    # "paper" = the paper's system prompt (prompts.py), "" = none, anything else is used verbatim.
+    system_prompt: str = "paper"
+    loss_on: Literal["assistant", "all"] = "assistant"
+    max_length: int = 4096  # longer examples are filtered out (counted), as in the paper
+    max_examples: Optional[int] = None
+    skip_bad: bool = False
+
+    def problems(self, where: str) -> list[str]:
+        out = []
+        if not 0.0 <= self.val_fraction < 1.0:
+            out.append(f"{where}.val_fraction: {self.val_fraction} must be in [0, 1)")
+        if self.max_length < 2:
+            out.append(f"{where}.max_length: {self.max_length} must be >= 2")
+        if self.max_examples is not None and self.max_examples < 1:
+            out.append(f"{where}.max_examples: {self.max_examples} must be >= 1")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    epochs: int = 1
+    max_steps: Optional[int] = None  # optimizer steps; stops early when reached
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr_bridge: float = 1e-4
+    lr_small: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp32 is the fast choice on CPUs without bf16 units
+    eval_every: int = 100
+    save_every: int = 100
+    patience: Optional[int] = 5  # validations without improvement before stopping; None = never stop early
+    seed: int = 0
+    feature_cache: Literal["off", "auto"] = "off"
+    feature_dtype: Literal["float16", "bfloat16"] = "float16"
+    tensorboard: bool = False
+    skip_nonfinite: int = 0
+    num_threads: Optional[int] = None
+
+    def problems(self, where: str) -> list[str]:
+        out = []
+        for name in ("epochs", "batch_size", "grad_accum", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                out.append(f"{where}.{name}: {getattr(self, name)} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 0:
+            out.append(f"{where}.max_steps: {self.max_steps} must be >= 0")
+        for name in ("lr_bridge", "lr_small", "weight_decay", "max_grad_norm", "warmup_steps", "skip_nonfinite"):
+            if getattr(self, name) < 0:
+                out.append(f"{where}.{name}: {getattr(self, name)} must be >= 0")
+        return out
+
+
+@dataclass
+class LLMModulesConfig:
+    large: LargeConfig = field(default_factory=LargeConfig)
+    small: SmallConfig = field(default_factory=SmallConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    # Tokenizer of the large model: None = the large model's own (name_or_path); "byte-level" = a 259-entry
+    # byte tokenizer built offline (tests, tiny-random); or any hub id / local path.
+    tokenizer: Optional[str] = None
+    # Output vocabulary of the new LM head; None = len(tokenizer), or the large config's vocab_size.
+    vocab_size: Optional[int] = None
+    data: DataConfig = field(default_factory=lambda: DataConfig())
+    train: TrainConfig = field(default_factory=lambda: TrainConfig())
+
+    def __post_init__(self) -> None:
+        problems = self.large.problems("large") + self.small.problems("small") + self.bridge.problems("bridge")
+        problems += self.data.problems("data") + self.train.problems("train")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            problems.append(f"vocab_size: {self.vocab_size} must be >= 1")
+        collect(problems, "invalid config")
+
+    # ---- dict / YAML round-trip -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "LLMModulesConfig":
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: expected a mapping with sections large/small/bridge, got {type(d).__name__}")
+        problems: list[str] = []
+        kwargs = _build_fields(cls, d, "", problems)
+        collect(problems, f"invalid config ({where})")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path]) -> "LLMModulesConfig":
+        return cls.from_dict(load_yaml(path), where=str(path))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save_yaml(self, path: Union[str, Path]) -> None:
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def replace(self, **sections: Any) -> "LLMModulesConfig":
+        """A copy with some sections or fields changed, e.g. cfg.replace(bridge={"gate": "fixed"})."""
+        d = self.to_dict()
+        for k, v in sections.items():
+            d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+        return type(self).from_dict(d)
+
+
+def load_yaml(path: Union[str, Path]) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist")
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {p} is not valid YAML: {e}") from None
+    return d if d is not None else {}
+
+
+# ---- generic typed construction -----------------------------------------------------------------------
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_value(value, inner, key, problems)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__}")
+            return None
+        return tp(**_build_fields(tp, value, key + ".", problems))
+    base = origin or tp
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is list and isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        problems.append(f"{key}: expected {_type_name(base)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build_fields(cls: type, d: dict, prefix: str, problems: list[str]) -> dict:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            problems.append(f"{prefix}{k}: unknown key; allowed: {', '.join(sorted(names))}")
+    out = {}
+    for k, v in d.items():
+        if k in names:
+            out[k] = _check_value(v, hints[k], prefix + k, problems)
+    return out
