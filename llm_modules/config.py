@@ -26,7 +26,8 @@ class ModelSpec:
 
     name_or_path: Optional[str] = None
     config: Optional[dict] = None  # inline HF config, e.g. {model_type: qwen2, hidden_size: 64, ...}
-    pretrained: bool = True  # small model only: load pretrained weights (True) or build from its config (False)
+    # Config fields changed on top of the named model's config (e.g. max_position_embeddings for a random GPT-Neo).
+    overrides: dict = field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     revision: Optional[str] = None
     gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (transformers dequantizes it)
@@ -42,8 +43,12 @@ class ModelSpec:
     def identity(self) -> str:
         """What names this model for checkpoint compatibility checks."""
         if self.name_or_path is not None:
-            return f"{self.name_or_path}" + (f"@{self.revision}" if self.revision else "")
-        return "inline:" + yaml.safe_dump(self.config, sort_keys=True).replace("\n", " ").strip()
+            name = f"{self.name_or_path}" + (f"@{self.revision}" if self.revision else "")
+        else:
+            name = "inline:" + yaml.safe_dump(self.config, sort_keys=True).replace("\n", " ").strip()
+        if self.overrides:
+            name += " overrides:" + yaml.safe_dump(self.overrides, sort_keys=True).replace("\n", " ").strip()
+        return name
 
 
 @dataclass
@@ -54,7 +59,9 @@ class LargeConfig(ModelSpec):
 
 @dataclass
 class SmallConfig(ModelSpec):
-    pretrained: bool = False  # the paper builds GPT-Neo-125M from its config (random weights)
+    # Load the small model's pretrained weights (True) or build it from its config with random weights (False, as
+    # the paper's code does for GPT-Neo-125M).
+    pretrained: bool = False
     gradient_checkpointing: bool = False
 
 

