@@ -123,10 +123,12 @@ class LLMModules(nn.Module):
         *,
         source_states: Optional[torch.Tensor] = None,
         cache: Optional[LLMModulesCache] = None,
+        logits_to_keep: int = 0,
     ) -> LLMModulesOutput:
         """input_ids (B, T): the new tokens (all of them without a cache); attention_mask (B, P + T) covers the
         cached and the new positions (Hugging Face convention); source_states (B, T, D_L) replaces the large model
-        (feature cache); labels (B, T) are shifted inside; cache is updated in place."""
+        (feature cache); labels (B, T) are shifted inside; cache is updated in place; logits_to_keep > 0 computes
+        the head for the last positions only (decoding)."""
         ref = input_ids if input_ids is not None else source_states
         if ref is None:
             raise ValueError("give input_ids or source_states")
@@ -151,9 +153,20 @@ class LLMModules(nn.Module):
             cache=cache.small if cache is not None else None,
             use_cache=cache is not None,
         ).last_hidden_state
-        logits = self.lm_head(h)  # (B, T, V)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return LLMModulesOutput(logits=logits, loss=loss, cache=cache)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """New token ids (B, N) after a left-padded prompt batch; see generate.generate for the arguments
+        (max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, stop, seed, use_cache)."""
+        from .generate import generate
+
+        if self.tokenizer is not None:
+            kwargs.setdefault("tokenizer", self.tokenizer)
+            kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+            kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     def new_cache(self) -> LLMModulesCache:
         return LLMModulesCache.empty(len(self.bridge.layers))

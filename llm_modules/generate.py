@@ -1,0 +1,164 @@
+"""Decoding: prefill once, then one token per step with every cache reused; a generator that streams tokens.
+
+Sampling reuses the `transformers` logits processors (repetition penalty, temperature, top-k, top-p); only the loop
+is ours, because the combined model carries three caches (large KV, bridge cross-attention KV, small KV) that the
+`GenerationMixin` does not know about.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .errors import UserError
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.do_sample:
+            if self.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k:
+                procs.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+    def check(self) -> None:
+        problems = []
+        if self.max_new_tokens < 0:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        if self.do_sample and self.temperature <= 0:
+            problems.append(f"temperature={self.temperature} must be > 0 when sampling")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0 or self.repetition_penalty <= 0:
+            problems.append("top_k must be >= 0 and repetition_penalty > 0")
+        if problems:
+            raise UserError("bad generation settings: " + "; ".join(problems))
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor  # (B,) the token chosen at this step (pad for finished rows)
+    logits: torch.Tensor  # (B, V) the raw logits it was chosen from
+    finished: torch.Tensor  # (B,) bool, True once a row has stopped (including this step)
+
+
+@torch.no_grad()
+def stream(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    sampling: Optional[SamplingConfig] = None,
+    *,
+    eos_token_id: Union[int, Sequence[int], None] = None,
+    pad_token_id: Optional[int] = None,
+    stop: Sequence[str] = (),
+    tokenizer=None,
+    generator: Optional[torch.Generator] = None,
+    use_cache: bool = True,
+) -> Iterator[Step]:
+    """Yield one Step per new token. input_ids (B, T) left-padded; stops rows on eos ids or stop strings."""
+    sampling = sampling or SamplingConfig()
+    sampling.check()
+    if stop and tokenizer is None:
+        raise UserError("stop strings need a tokenizer to decode the output")
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []))
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    B, T = input_ids.shape
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    model.check_length(int(mask.sum(-1).max()) + sampling.max_new_tokens)
+    procs = sampling.processors()
+    ids, finished = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    new: list[list[int]] = [[] for _ in range(B)]
+    cache = model.new_cache() if use_cache else None
+    step_input = input_ids
+    for _ in range(sampling.max_new_tokens):
+        if use_cache:
+            logits = model(step_input, mask, cache=cache, logits_to_keep=1).logits[:, -1]  # (B, V)
+        else:
+            logits = model(ids, mask, logits_to_keep=1).logits[:, -1]  # full recompute, as the reference does
+        scores = procs(ids, logits.float())
+        if sampling.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        else:
+            token = scores.argmax(-1)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        for b in range(B):
+            if not finished[b]:
+                new[b].append(int(token[b]))
+        done_now = torch.isin(token, eos.to(token.device)) | finished
+        if stop:
+            for b in range(B):
+                if not done_now[b] and any(s in tokenizer.decode(new[b][-32:]) for s in stop):
+                    done_now[b] = True
+        finished = done_now
+        yield Step(tokens=token, logits=logits, finished=finished.clone())
+        if bool(finished.all()):
+            return
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        step_input = token[:, None]
+
+
+def generate(model, input_ids, attention_mask=None, *, seed: Optional[int] = None, **kwargs) -> torch.Tensor:
+    """New token ids (B, N), rows padded with pad_token_id after they stop."""
+    sampling_keys = {f for f in SamplingConfig.__dataclass_fields__}
+    sampling = SamplingConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in sampling_keys})
+    generator = kwargs.pop("generator", None)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    steps = [s.tokens for s in stream(model, input_ids, attention_mask, sampling, generator=generator, **kwargs)]
+    return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas, never emitting a broken multi-byte character.
+
+    Decodes a short window of recent tokens (not the whole output each step), as vLLM and TGI do.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix, self.read = 0, 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end (a genuinely invalid byte sequence stays as U+FFFD)."""
+        before = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before) :]
