@@ -115,6 +115,8 @@ class DataConfig:
     max_length: int = 4096  # longer examples are filtered out (counted), as in the paper
     max_examples: Optional[int] = None
     skip_bad: bool = False
+    # reasoning-gym's gsm_symbolic and GSM8K test are evaluation data; training on them needs this explicit switch.
+    allow_test_derived: bool = False
 
     def problems(self, where: str) -> list[str]:
         out = []

@@ -1,0 +1,601 @@
+"""Datasets: records -> conversations -> (input_ids, labels), a fixed train/val split, collation, batching.
+
+Records come from local .json / .jsonl / .parquet files, Hugging Face dataset ids, or reasoning-gym generators,
+in four shapes, all normalized to [{"role": "system" | "user" | "assistant", "content": str}]:
+  ShareGPT / Bespoke-Stratos  {"system"?, "conversations": [{"from": human|user|gpt|assistant|system, "value"}]}
+  OpenAI                      {"messages": [{"role", "content"}]}
+  GSM8K                       {"question", "answer"} (the answer keeps its "#### N" final line)
+  plain text                  {"text"} (the whole text is a target)
+Labels are not shifted (the model shifts, Hugging Face convention); every assistant turn ends with eos, which
+keeps its label even when pad id == eos id, because tokens are masked by position, never by id.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import random
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
+
+import torch
+
+from .config import DataConfig
+from .errors import UserError
+from .prompts import TemplateRejected, encode_segments, render_training, with_system_prompt
+
+IGNORE_INDEX = -100
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+ROLE_ALIASES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# Generators whose problems come from an evaluation set: training on them leaks the test set.
+TEST_DERIVED_TASKS = {"gsm_symbolic": "its problems are templates of GSM8K test questions"}
+
+
+class Record(NamedTuple):
+    source: str  # file, dataset id or "reasoning-gym:TASK"
+    line: int  # line of a .json/.jsonl file, 1-based row of a parquet file / dataset, item number of a generator
+    messages: list
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken; not shifted
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataBundle:
+    train: list[Example]
+    val: list[Example]
+    stats: dict
+    skipped: list[tuple[str, int, str]]  # (source, line, problem) of each malformed record skipped
+
+
+class BadRecord(ValueError):
+    """A problem with one record; the caller adds where it is."""
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+def read_records(path: str, *, hub_subset: Optional[str] = None, hub_split: str = "train",
+                 skip_bad: bool = False, skipped: Optional[list] = None) -> list[Record]:
+    """Normalized records of a local file or a Hugging Face dataset id ("id" or "id:split").
+
+    A malformed record raises UserError("{file}:{line}: {problem}"), or with `skip_bad` is appended to
+    `skipped` as (file, line, problem).
+    """
+    skipped = [] if skipped is None else skipped
+    source, rows = _open_source(path, hub_subset, hub_split)
+    out = []
+    for line, row in rows:
+        try:
+            if isinstance(row, BadRecord):
+                raise row
+            out.append(Record(source, line, normalize(row)))
+        except BadRecord as e:
+            _bad(source, line, str(e), skip_bad, skipped)
+    return out
+
+
+def _bad(source: str, line: int, problem: str, skip_bad: bool, skipped: list) -> None:
+    if not skip_bad:
+        raise UserError(f"{source}:{line}: {problem}; fix the record, or set data.skip_bad: true to skip bad records")
+    skipped.append((source, line, problem))
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).expanduser().exists() or Path(path).suffix.lower() in LOCAL_SUFFIXES or path[:1] in "/.~"
+
+
+def _open_source(path: str, subset: Optional[str], split: str) -> tuple[str, Iterable]:
+    if not _is_local(path):
+        name, _, explicit = path.partition(":")
+        split = explicit or split
+        return f"{name}[{split}]", _hub_rows(name, subset, split)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{path}: file does not exist; check data.path / data.val_path")
+    suffix = p.suffix.lower()
+    if p.is_dir() or suffix not in LOCAL_SUFFIXES:
+        raise UserError(f"{path}: unsupported file type {suffix or '(directory)'}; give a .json, .jsonl or .parquet "
+                        "file, or a Hugging Face dataset id")
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}
+    return str(path), readers[suffix](p)
+
+
+def _jsonl_rows(p: Path) -> Iterator[tuple[int, object]]:
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, BadRecord(f"not valid UTF-8 (byte {e.start + 1} of the line); save the file as UTF-8")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield n, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield n, BadRecord(f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _json_rows(p: Path) -> Iterator[tuple[int, object]]:
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{p}:{line}: not valid UTF-8; save the file as UTF-8") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+        return _array_items(text, _key_value_start(text, "data"))
+    if not isinstance(doc, list):
+        raise UserError(f"{p}:1: expected a list of records or {{\"data\": [...]}}, got a JSON {type(doc).__name__}")
+    return _array_items(text, _skip_ws(text, 0))
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _key_value_start(text: str, key: str) -> int:
+    # Walk the (already validated) top-level object to where `key`'s value starts.
+    i = _skip_ws(text, _skip_ws(text, 0) + 1)
+    while True:
+        name, i = _DECODER.raw_decode(text, i)
+        i = _skip_ws(text, _skip_ws(text, i) + 1)  # past ':'
+        if name == key:
+            return i
+        _, i = _DECODER.raw_decode(text, i)
+        i = _skip_ws(text, _skip_ws(text, i) + 1)  # past ','
+
+
+def _array_items(text: str, i: int) -> Iterator[tuple[int, object]]:
+    # Decode the array starting at text[i] == "[" item by item, to know each record's line.
+    i, line, counted = _skip_ws(text, i + 1), 1, 0
+    while text[i] != "]":
+        line, counted = line + text.count("\n", counted, i), i
+        value, i = _DECODER.raw_decode(text, i)
+        yield line, value
+        i = _skip_ws(text, i)
+        i = _skip_ws(text, i + 1) if text[i] == "," else i
+
+
+def _parquet_rows(p: Path) -> Iterator[tuple[int, object]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged or non-parquet file
+        raise UserError(f"{p}: not a readable parquet file ({e})") from None
+    return enumerate(rows, 1)
+
+
+def _hub_rows(name: str, subset: Optional[str], split: str) -> Iterator[tuple[int, object]]:
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(name, subset, split=split)
+    except Exception as e:  # offline, unknown id / subset / split: all for the user to fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{name}: could not load Hugging Face dataset (subset={subset}, split={split}): {first}; "
+                        "check the id, data.hub_subset, data.hub_split and network access, or give a local "
+                        "file") from None
+    return enumerate(rows, 1)
+
+
+# ---- record shapes ------------------------------------------------------------------------------------------
+def normalize(record: object) -> list[dict]:
+    """One record of any supported shape -> [{"role", "content"}]; raises BadRecord with the problem."""
+    if not isinstance(record, dict):
+        raise BadRecord(f"expected a JSON object, got {type(record).__name__}")
+    if "conversations" in record:
+        messages = _turns(record["conversations"], "conversations", "from", "value")
+        if record.get("system") is not None:
+            messages = [{"role": "system", "content": _text(record, "system", allow_empty=True)}] + messages
+    elif "messages" in record:
+        messages = _turns(record["messages"], "messages", "role", "content")
+    elif "question" in record or "answer" in record:
+        messages = [{"role": "user", "content": _text(record, "question", allow_empty=True)},
+                    {"role": "assistant", "content": _text(record, "answer")}]
+    elif "text" in record:
+        messages = [{"role": "assistant", "content": _text(record, "text")}]
+    else:
+        raise BadRecord(f"missing field: has {sorted(record)}, needs one of conversations, messages, "
+                        "question + answer, text")
+    messages = [m for m in messages if not (m["role"] == "system" and not m["content"])]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no assistant turn, so nothing to learn")
+    return messages
+
+
+def _text(obj: dict, key: str, where: str = "", allow_empty: bool = False) -> str:
+    name = repr(where + key)
+    if key not in obj:
+        raise BadRecord(f"missing field {name}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise BadRecord(f"{name} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise BadRecord(f"empty {name}")
+    return value
+
+
+def _turns(turns: object, name: str, role_key: str, content_key: str) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord(f"{name!r} must be a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(turns):
+        where = f"{name}[{i}]."
+        if not isinstance(turn, dict):
+            raise BadRecord(f"{name}[{i}] must be an object with {role_key!r} and {content_key!r}")
+        raw = _text(turn, role_key, where)
+        role = ROLE_ALIASES.get(raw.lower())
+        if role is None:
+            raise BadRecord(f"unknown role {raw!r} in {name}[{i}]; allowed: {', '.join(ROLE_ALIASES)}")
+        if role == "assistant" and isinstance(turn.get(content_key), str) and not turn[content_key].strip():
+            raise BadRecord(f"empty assistant turn {name}[{i}]")
+        out.append({"role": role, "content": _text(turn, content_key, where, allow_empty=True)})
+    return out
+
+
+# ---- reasoning-gym ------------------------------------------------------------------------------------------
+def reasoning_gym_records(tasks: list[str], size: int, seed: int, *, allow_test_derived: bool = False) -> list[Record]:
+    """`size` generated problems per task; the assistant target is a computed step-by-step solution ending in
+    "#### ANSWER" for the tasks in STEP_BY_STEP_TASKS, else the generator's final answer."""
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise UserError("data.reasoning_gym_tasks needs the reasoning-gym package: pip install reasoning-gym") from None
+    out = []
+    for task in tasks:
+        _refuse_test_derived(task, allow_test_derived)
+        try:
+            items = reasoning_gym.create_dataset(task, size=size, seed=seed)
+        except Exception as e:  # unknown task names raise a bare error from the registry
+            raise UserError(f"data.reasoning_gym_tasks: cannot create task {task!r} ({e}); see "
+                            "reasoning_gym.factory.DATASETS for the names") from None
+        for n, item in enumerate(items, 1):
+            messages = [{"role": "user", "content": item["question"]},
+                        {"role": "assistant", "content": solution_text(task, item)}]
+            out.append(Record(f"reasoning-gym:{task}", n, messages))
+    return out
+
+
+def _refuse_test_derived(task: str, allowed: bool) -> None:
+    if task in TEST_DERIVED_TASKS and not allowed:
+        raise UserError(f"data.reasoning_gym_tasks: {task!r} must not be trained on when GSM8K test is the "
+                        f"evaluation: {TEST_DERIVED_TASKS[task]}; remove it (or set data.allow_test_derived: true "
+                        "if GSM8K test is not your evaluation)")
+
+
+def solution_text(task: str, item: dict) -> str:
+    """Target text of a reasoning-gym item: checked steps + "#### ANSWER", or the bare answer."""
+    answer = str(item["answer"])
+    steps = _STEPS.get(task)
+    try:
+        lines = steps(item["metadata"], answer) if steps else None
+    except (ValueError, KeyError, ArithmeticError, SyntaxError, TypeError):
+        lines = None  # the rendered steps would not reach the generator's answer: give the answer only
+    return "\n".join(lines) + f"\n#### {answer}" if lines else answer
+
+
+def _expect(got: object, answer: str) -> None:
+    if str(got) != answer:
+        raise ValueError(f"steps give {got}, generator says {answer}")
+
+
+def _num(x) -> str:
+    return f"({x})" if x < 0 else str(x)
+
+
+def _arith_steps(md: dict, answer: str) -> list[str]:
+    expr, lines = md["expression"], []
+
+    def ev(node):
+        if isinstance(node, ast.Constant):  # the literal's own text keeps decimal places ("5.720")
+            text = ast.get_source_segment(expr, node)
+            return Decimal(text) if "." in text else int(text)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            value = -ev(node.operand)
+            if not isinstance(node.operand, ast.Constant):
+                lines.append(f"-{_num(-value)} = {value}")
+            return value
+        a, b = ev(node.left), ev(node.right)
+        if isinstance(node.op, ast.Div):
+            if b == 0 or a % b:
+                raise ValueError("inexact division")  # the task floors; "=" would be false
+            value, sym = a // b, "/"
+        elif isinstance(node.op, ast.Mult):
+            value, sym = a * b, "*"
+            lines.extend(_long_multiplication(a, b))
+        else:
+            value, sym = {ast.Add: (a + b, "+"), ast.Sub: (a - b, "-")}[type(node.op)]
+        lines.append(f"{a} {sym} {_num(b)} = {value}")
+        return value
+
+    _expect(ev(ast.parse(expr, mode="eval").body), answer)
+    return lines
+
+
+def _long_multiplication(a, b) -> list[str]:
+    # Partial products by the digits of |b|, for integer products with a multi-digit factor.
+    if not (isinstance(a, int) and isinstance(b, int)) or abs(a) < 10 or abs(b) < 10:
+        return []
+    parts = [(abs(a), int(d) * 10**k) for k, d in enumerate(reversed(str(abs(b)))) if d != "0"][::-1]
+    lines = [f"{x} * {y} = {x * y}" for x, y in parts]
+    return lines + [" + ".join(str(x * y) for x, y in parts) + f" = {abs(a * b)}"] if len(parts) > 1 else lines
+
+
+def _leg_steps(md: dict, answer: str) -> list[str]:
+    from reasoning_gym.arithmetic.leg_counting import ANIMALS
+
+    terms = [(n, name, ANIMALS[name]) for name, n in md["animals"].items()]
+    lines = [f"{n} {name} x {legs} legs = {n * legs}" for n, name, legs in terms]
+    total = sum(n * legs for n, _, legs in terms)
+    _expect(total, answer)
+    return lines + [" + ".join(str(n * legs) for n, _, legs in terms) + f" = {total}"]
+
+
+def _euclid(a: int, b: int, lines: list[str]) -> int:
+    x, y = max(a, b), min(a, b)
+    while y:
+        lines.append(f"{x} = {x // y} x {y} + {x % y}")
+        x, y = y, x % y
+    lines.append(f"gcd({a}, {b}) = {x}")
+    return x
+
+
+def _gcd_steps(md: dict, answer: str) -> list[str]:
+    lines, g = [], md["numbers"][0]
+    for n in md["numbers"][1:]:
+        g = _euclid(g, n, lines)
+    _expect(g, answer)
+    return lines
+
+
+def _lcm_steps(md: dict, answer: str) -> list[str]:
+    lines, m = [], md["numbers"][0]
+    for n in md["numbers"][1:]:
+        g = _euclid(m, n, lines)
+        lines.append(f"lcm({m}, {n}) = {m} x {n} / {g} = {m * n // g}")
+        m = m * n // g
+    _expect(m, answer)
+    return lines
+
+
+def _factor_steps(md: dict, answer: str) -> list[str]:
+    n, d, lines, factors = md["number"], 2, [], []
+    while d * d <= n:
+        while n % d == 0:
+            lines.append(f"{n} / {d} = {n // d}")
+            n, factors = n // d, factors + [d]
+        d += 1
+    if n > 1:
+        lines.append(f"{n} is prime")
+        factors.append(n)
+    _expect(" × ".join(map(str, factors)), answer)
+    return lines
+
+
+def _fraction_steps(md: dict, answer: str) -> list[str]:
+    a, b, lines = md["numerator"], md["denominator"], []
+    g = _euclid(a, b, lines)
+    if (a // g, b // g) != (md["simplified_numerator"], md["simplified_denominator"]):
+        raise ValueError("different reduction")
+    return lines + [f"{a} / {g} = {a // g}", f"{b} / {g} = {b // g}"]
+
+
+def _base_steps(md: dict, answer: str) -> list[str]:
+    digits, src, dst, value = md["source_repr"], md["source_base"], md["target_base"], md["decimal_value"]
+    lines = []
+    if src != 10:
+        terms = [f"{int(c, 36)}*{src}^{k}" for k, c in zip(range(len(digits) - 1, -1, -1), digits, strict=True)]
+        lines.append(f"{digits} in base {src} = " + " + ".join(terms) + f" = {value}")
+    if dst == 10:
+        _expect(value, answer)
+        return lines
+    out, n = "", value
+    while n:
+        q, r = divmod(n, dst)
+        char = "0123456789abcdefghijklmnopqrstuvwxyz"[r]
+        lines.append(f"{n} / {dst} = {q} remainder {r}" + (f" ({char})" if r > 9 else ""))
+        out, n = char + out, q
+    _expect(out or "0", answer)
+    return lines + [f"reading the remainders from last to first: {out or '0'}"]
+
+
+def _geometry_steps(md: dict, answer: str) -> list[str]:
+    n, angles = md["n_sides"], [Decimal(str(a)) for a in md["known_angles"]]
+    total, known = (n - 2) * 180, sum(angles)
+    missing = total - known
+    _expect(round(missing), answer)
+    return [f"the interior angles of a {n}-sided polygon sum to ({n} - 2) x 180 = {total}",
+            "the known angles sum to " + " + ".join(map(str, angles)) + f" = {known}",
+            f"the last angle is {total} - {known} = {missing}"]
+
+
+def _bits_steps(md: dict, answer: str) -> list[str]:
+    binary = bin(md["number"])[2:]
+    _expect(binary.count("1"), answer)
+    return [f"{md['number']} in binary is {binary}", f"it has {binary.count('1')} ones"]
+
+
+_STEPS: dict[str, Callable[[dict, str], list[str]]] = {
+    "chain_sum": _arith_steps, "decimal_chain_sum": _arith_steps, "products": _arith_steps,
+    "basic_arithmetic": _arith_steps, "leg_counting": _leg_steps, "gcd": _gcd_steps, "lcm": _lcm_steps,
+    "prime_factorization": _factor_steps, "fraction_simplification": _fraction_steps,
+    "base_conversion": _base_steps, "simple_geometry": _geometry_steps, "count_bits": _bits_steps,
+}
+STEP_BY_STEP_TASKS = tuple(_STEPS)  # reasoning-gym tasks whose targets are rendered, checked solutions
+
+
+# ---- tokenization -------------------------------------------------------------------------------------------
+def tokenize(messages: list[dict], tokenizer, *, style: str = "paper", system_prompt: str = "paper",
+             loss_on: str = "assistant") -> Example:
+    """One conversation -> Example. The record's own system turn wins over `system_prompt`; labels are
+    IGNORE_INDEX on every token outside an assistant turn (none masked when loss_on == "all")."""
+    segments = render_training(with_system_prompt(messages, system_prompt), style, tokenizer)
+    ids, flags = encode_segments(segments, style, tokenizer)
+    labels = [t if f or loss_on == "all" else IGNORE_INDEX for t, f in zip(ids, flags, strict=True)]
+    return Example(ids, labels)
+
+
+# ---- datasets -----------------------------------------------------------------------------------------------
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Fixed (train, val) record indices: one permutation drawn from `seed`, never re-drawn."""
+    perm = list(range(n))
+    random.Random(seed).shuffle(perm)
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def build_datasets(cfg: DataConfig, tokenizer, *, log: Callable[[str], None] = print,
+                   allow_test_derived: bool = False) -> DataBundle:
+    """Read, normalize, split (by `cfg.seed`, once) and tokenize; drop examples over `cfg.max_length` tokens.
+
+    `allow_test_derived` (or a `cfg.allow_test_derived` field) permits gsm_symbolic / GSM8K test in training.
+    """
+    allow = allow_test_derived or getattr(cfg, "allow_test_derived", False)
+    skipped: list[tuple[str, int, str]] = []
+    records = _training_records(cfg, skipped, allow)
+    records, duplicates = _dedupe(records)
+    if cfg.max_examples is not None:
+        records = records[: cfg.max_examples]
+    if cfg.val_path:
+        train_recs = records
+        val_recs = read_records(cfg.val_path, hub_subset=cfg.hub_subset, hub_split="validation",
+                                skip_bad=cfg.skip_bad, skipped=skipped)
+    else:
+        train_idx, val_idx = split_indices(len(records), cfg.val_fraction, cfg.seed)
+        train_recs, val_recs = [records[i] for i in train_idx], [records[i] for i in val_idx]
+    train, train_long, longest = _examples(train_recs, tokenizer, cfg, skipped)
+    val, val_long, _ = _examples(val_recs, tokenizer, cfg, skipped)
+    stats = {"records": len(records), "duplicates": duplicates, "malformed": len(skipped), "train": len(train),
+             "train_too_long": train_long, "val": len(val), "val_too_long": val_long,
+             "longest_train_tokens": longest, "max_length": cfg.max_length,
+             "train_tokens": sum(map(len, train)),
+             "train_target_tokens": sum(sum(t != IGNORE_INDEX for t in e.labels) for e in train)}
+    log(f"data: {len(records)} records ({duplicates} duplicates dropped, {len(skipped)} malformed skipped); "
+        f"train {len(train)} kept, {train_long} over max_length={cfg.max_length}; "
+        f"val {len(val)} kept, {val_long} over max_length")
+    if not train:
+        raise UserError(f"data: no training examples left: {len(train_recs)} training records, {train_long} longer "
+                        f"than data.max_length={cfg.max_length} tokens (longest {longest}), {len(skipped)} "
+                        "malformed; raise data.max_length or use shorter examples")
+    return DataBundle(train, val, stats, skipped)
+
+
+def _training_records(cfg: DataConfig, skipped: list, allow: bool) -> list[Record]:
+    if not cfg.path and not cfg.reasoning_gym_tasks:
+        raise UserError("data: no training data; set data.path (a file or dataset id) or data.reasoning_gym_tasks")
+    records = []
+    if cfg.path:
+        if not allow and _is_gsm8k_test(cfg.path, cfg.hub_split):
+            raise UserError(f"data.path: {cfg.path} is GSM8K test, the evaluation set; train on GSM8K train "
+                            "(or set data.allow_test_derived: true if GSM8K test is not your evaluation)")
+        records += read_records(cfg.path, hub_subset=cfg.hub_subset, hub_split=cfg.hub_split,
+                                skip_bad=cfg.skip_bad, skipped=skipped)
+    if cfg.reasoning_gym_tasks:
+        records += reasoning_gym_records(list(cfg.reasoning_gym_tasks), cfg.reasoning_gym_size, cfg.seed,
+                                         allow_test_derived=allow)
+    return records
+
+
+def _is_gsm8k_test(path: str, hub_split: str) -> bool:
+    if "gsm8k" not in path.lower():
+        return False
+    if _is_local(path):
+        return Path(path).name.startswith("test")
+    return (path.partition(":")[2] or hub_split) == "test"
+
+
+def _dedupe(records: list[Record]) -> tuple[list[Record], int]:
+    # Identical conversations would otherwise land on both sides of the split.
+    seen, out = set(), []
+    for r in records:
+        key = json.dumps(r.messages, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out, len(records) - len(out)
+
+
+def _examples(records: list[Record], tokenizer, cfg: DataConfig, skipped: list) -> tuple[list[Example], int, int]:
+    out, too_long, longest = [], 0, 0
+    for r in records:
+        try:
+            ex = tokenize(r.messages, tokenizer, style=cfg.format, system_prompt=cfg.system_prompt,
+                          loss_on=cfg.loss_on)
+        except TemplateRejected as e:
+            _bad(r.source, r.line, str(e), cfg.skip_bad, skipped)
+            continue
+        longest = max(longest, len(ex))
+        if len(ex) > cfg.max_length:
+            too_long += 1
+        else:
+            out.append(ex)
+    return out, too_long, longest
+
+
+# ---- batching -----------------------------------------------------------------------------------------------
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded LongTensors input_ids / attention_mask / labels (labels padded with IGNORE_INDEX)."""
+    B, T = len(examples), max(len(e) for e in examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        input_ids[i, : len(e)] = torch.tensor(e.input_ids, dtype=torch.long)
+        attention_mask[i, : len(e)] = 1
+        labels[i, : len(e)] = torch.tensor(e.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class LengthGroupedBatches:
+    """Batches of indices with similar lengths, so little compute goes to padding.
+
+    Each epoch: shuffle all indices, sort by length inside mega-chunks of `chunk_batches` batches, cut into
+    batches, shuffle the batch order. Deterministic given (seed, epoch); every index once per epoch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, chunk_batches: int = 50):
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.chunk = batch_size * chunk_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}/{epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        out = []
+        for c in range(0, len(order), self.chunk):
+            chunk = sorted(order[c : c + self.chunk], key=lambda i: -self.lengths[i])
+            out += [chunk[b : b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(out)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches(self.epoch))
+
+    def iter_from(self, epoch: int, k: int) -> Iterator[list[int]]:
+        """The batches of `epoch` after its first `k` (resume mid-epoch exactly)."""
+        return iter(self.batches(epoch)[k:])
