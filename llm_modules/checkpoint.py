@@ -98,3 +98,113 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     else:
         os.replace(tmp_dir, final_dir)
     _fsync_dir(final_dir.parent)
+
+
+# ---- training checkpoints: weights + optimizer + scheduler + scaler + RNG + data position ----------------------
+STATE_NAME = "training_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+RNG_NAME = "rng.safetensors"
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
+    return tensors, sd["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    return {"state": state, "param_groups": groups}
+
+
+def write_training_checkpoint(directory: Path, model, optimizer, scheduler, accelerator, progress: dict) -> None:
+    """Everything a resumed run needs, written into `directory` (a temporary name published by replace_dir)."""
+    import random
+
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    model.save_pretrained(directory)
+    opt_tensors, groups = _flatten_optimizer(optimizer.state_dict())
+    save_tensors(directory / OPTIMIZER_NAME, opt_tensors)
+    save_tensors(directory / RNG_NAME, {"torch": torch.get_rng_state()}
+                 | ({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+                    if torch.cuda.is_available() else {}))
+    scaler = getattr(accelerator, "scaler", None)
+    state = {
+        "progress": progress,
+        "optimizer_param_groups": groups,
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "python_random": random.getstate(),
+    }
+    atomic_write_json(directory / STATE_NAME, state)
+
+
+def read_training_checkpoint(directory: Path, model, optimizer, scheduler, accelerator) -> dict:
+    """Restore a training checkpoint into live objects; returns the saved progress dict."""
+    import random
+
+    state = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
+    tensors, _ = load_tensors(directory / WEIGHTS_NAME)
+    model.load_trainable(tensors, str(directory / WEIGHTS_NAME))
+    opt_tensors, _ = load_tensors(directory / OPTIMIZER_NAME)
+    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer_param_groups"]))
+    sched = scheduler.state_dict()
+    sched.update(state["scheduler"])
+    scheduler.load_state_dict(sched)
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rng, _ = load_tensors(directory / RNG_NAME)
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and "cuda.0" in rng:
+        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
+    v, internal, gauss = state["python_random"]
+    random.setstate((v, tuple(internal), gauss))
+    return state["progress"]
+
+
+def _verify(directory: Path) -> None:
+    """Cheap integrity check: JSON parses and every safetensors file's header and size are consistent."""
+    from safetensors import safe_open
+
+    json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
+    for name in (WEIGHTS_NAME, OPTIMIZER_NAME, RNG_NAME):
+        with safe_open(str(directory / name), framework="pt") as f:
+            for k in f.keys():
+                f.get_slice(k)
+        load_file(str(directory / name))
+
+
+def latest_training_checkpoint(root: Path, log=print) -> Optional[Path]:
+    """The newest readable `step-*` checkpoint; unreadable ones are reported and skipped."""
+    if not root.is_dir():
+        return None
+    for d in sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True):
+        try:
+            _verify(d)
+            return d
+        except (OSError, ValueError, SafetensorError, KeyError) as e:
+            log(f"checkpoint {d} is unreadable ({e.__class__.__name__}: {e}); falling back to the one before")
+    return None
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest `keep` step checkpoints (the one before the latest stays as a fallback)."""
+    for d in sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
+    for tmp in root.glob(".step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after `step` (by a run that died before its next checkpoint)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))

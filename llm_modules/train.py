@@ -1,0 +1,303 @@
+"""Training: setup() -> fit() -> validate(). Plain code on top of `accelerate` (devices, mixed precision, processes).
+
+Exact resume: a checkpoint holds the trainable weights, optimizer, scheduler, scaler and RNG states and the data
+position (epoch, batch within epoch), so K steps + resume + K steps == 2K steps.
+Multi-process: every rank derives the same global batch (B x world) and takes its slice; the loss is a token sum
+over the whole optimizer step divided by its global token count, so N ranks with batch B give the same update as
+one rank with batch N x B.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import LLMModulesConfig
+from .data import DataBundle, LengthGroupedBatches, build_datasets, collate
+from .errors import UserError
+from .model import LLMModules
+
+
+@dataclass
+class Progress:
+    """The resumable position of a run (saved as JSON beside each checkpoint)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # global batches of `epoch` already consumed
+    best_val: Optional[float] = None
+    best_step: Optional[int] = None
+    bad_validations: int = 0
+    nonfinite_skipped: int = 0
+    stopped_early: bool = False
+
+
+@dataclass
+class Run:
+    cfg: LLMModulesConfig
+    out: Path
+    accelerator: object
+    model: LLMModules
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    data: DataBundle
+    batches: LengthGroupedBatches
+    progress: Progress = field(default_factory=Progress)
+    max_steps: int = 0
+    log: object = print
+
+    @property
+    def unwrapped(self) -> LLMModules:
+        return self.accelerator.unwrap_model(self.model)
+
+
+# ---- setup ----------------------------------------------------------------------------------------------------
+def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optional[LLMModules] = None) -> Run:
+    from accelerate import Accelerator
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    out = Path(t.output_dir)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                              log_with="tensorboard" if t.tensorboard else None, project_dir=str(out))
+    if not accelerator.is_main_process:
+        log = lambda *a, **k: None  # noqa: E731  (one rank speaks)
+    _check_writable(out)
+    seed_everything(t.seed)
+    model = model or LLMModules.from_config(cfg)
+    if model.tokenizer is None:
+        raise UserError("training needs a tokenizer: set `tokenizer` (e.g. byte-level) or name the large model")
+    data = build_datasets(cfg.data, model.tokenizer, log=log)
+    if data.skipped:
+        ckpt.atomic_write_text(out / "skipped_records.jsonl",
+                               "".join(json.dumps(list(s)) + "\n" for s in data.skipped))
+        log(f"skipped {len(data.skipped)} bad records, listed in {out / 'skipped_records.jsonl'}")
+    global_batch = t.batch_size * accelerator.num_processes
+    batches = LengthGroupedBatches([len(e) for e in data.train], global_batch, seed=t.seed)
+    steps_per_epoch = max(1, len(batches) // t.grad_accum)
+    max_steps = min(t.max_steps, steps_per_epoch * t.epochs) if t.max_steps is not None else steps_per_epoch * t.epochs
+    optimizer = torch.optim.AdamW(model.param_groups(t.lr_bridge, t.lr_small, t.weight_decay))
+    make = get_cosine_schedule_with_warmup if t.schedule == "cosine" else get_constant_schedule_with_warmup
+    kwargs = {"num_training_steps": max(1, max_steps)} if t.schedule == "cosine" else {}
+    scheduler = make(optimizer, num_warmup_steps=t.warmup_steps, **kwargs)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    run = Run(cfg, out, accelerator, model, optimizer, scheduler, data, batches, max_steps=max_steps, log=log)
+    if t.tensorboard:
+        accelerator.init_trackers("llm-modules")
+    if resume:
+        restore_latest(run)
+    elif accelerator.is_main_process:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    return run
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output directory {out} is not writable ({e.strerror}); choose another with --output-dir")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- the loop -------------------------------------------------------------------------------------------------
+def micro_batches(run: Run) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, index of the global batch in its epoch, this rank's example indices), from the saved position."""
+    rank, B = run.accelerator.process_index, run.cfg.train.batch_size
+    epoch, start = run.progress.epoch, run.progress.batch_in_epoch
+    while epoch < run.cfg.train.epochs:
+        for i, global_batch in enumerate(run.batches.iter_from(epoch, start), start=start):
+            yield epoch, i, global_batch
+        epoch, start = epoch + 1, 0
+
+
+def fit(run: Run) -> Progress:
+    t, acc, p = run.cfg.train, run.accelerator, run.progress
+    pad = run.unwrapped.tokenizer.pad_token_id
+    bar = tqdm(total=run.max_steps, initial=p.step, desc="train", disable=not acc.is_main_process, dynamic_ncols=True)
+    window: list[tuple[list[int], int]] = []  # the micro-batches of one optimizer step
+    tokens_seen, t0 = 0, time.perf_counter()
+    run.model.train()
+    for epoch, index, global_batch in micro_batches(run):
+        if p.step >= run.max_steps or p.stopped_early:
+            break
+        window.append((global_batch, epoch))
+        if len(window) < t.grad_accum:
+            continue
+        loss, n_tok = train_step(run, [b for b, _ in window], pad)
+        window = []
+        p.epoch, p.batch_in_epoch = (epoch, index + 1)
+        if p.batch_in_epoch >= len(run.batches):
+            p.epoch, p.batch_in_epoch = epoch + 1, 0
+        if loss is None:
+            continue
+        p.step += 1
+        tokens_seen += n_tok
+        tps = tokens_seen / max(1e-9, time.perf_counter() - t0)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+        record = {"step": p.step, "epoch": p.epoch, "train_loss": loss, "lr": run.scheduler.get_last_lr()[0],
+                  "tokens_per_s": tps}
+        if p.step % t.eval_every == 0 or p.step == run.max_steps:
+            record["val_loss"] = validate(run)
+            _early_stopping(run, record["val_loss"])
+        log_metrics(run, record)
+        if p.step % t.save_every == 0 or p.step == run.max_steps or p.stopped_early:
+            save_checkpoint(run, best=record.get("val_loss") is not None and p.best_step == p.step)
+    bar.close()
+    if p.step and not (run.out / "checkpoints" / f"step-{p.step:08d}").exists():
+        save_checkpoint(run, best=False)
+    acc.end_training()
+    plot_losses(run)
+    return p
+
+
+def train_step(run: Run, global_batches: list[list[int]], pad: int) -> tuple[Optional[float], int]:
+    """One optimizer step over `grad_accum` global batches; returns (mean loss per target token, tokens) or
+    (None, 0) when a non-finite loss was skipped."""
+    t, acc = run.cfg.train, run.accelerator
+    rank, B, world = acc.process_index, t.batch_size, acc.num_processes
+    batches = [[run.data.train[i] for i in g] for g in global_batches]
+    n_step = sum(_targets(e) for g in batches for e in g)  # target tokens of the whole step, all ranks
+    total = 0.0
+    for examples in batches:
+        mine = collate(examples[rank * B:(rank + 1) * B], pad)
+        with acc.accumulate(run.model):
+            loss_sum = _loss_sum(run, mine)
+            # accelerate divides by grad_accum and DDP averages over ranks: undo both to get sum / n_step.
+            acc.backward(loss_sum / max(1, n_step) * world * t.grad_accum)
+            total += float(loss_sum.detach())
+            if acc.sync_gradients:
+                total = float(acc.reduce(torch.tensor(total), reduction="sum")) / max(1, n_step)
+                if not math.isfinite(total):
+                    run.optimizer.zero_grad(set_to_none=True)
+                    _nonfinite(run, total)
+                    return None, 0
+                if t.max_grad_norm > 0:
+                    acc.clip_grad_norm_(run.model.parameters(), t.max_grad_norm)  # after unscaling (fp16)
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+    return total, n_step
+
+
+def _targets(example) -> int:
+    return sum(1 for x in example.labels[1:] if x != -100)
+
+
+def _loss_sum(run: Run, batch: dict) -> torch.Tensor:
+    dev = run.accelerator.device
+    try:
+        logits = run.model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev)).logits
+    except torch.OutOfMemoryError:
+        B, T = batch["input_ids"].shape
+        raise UserError(f"out of memory on a batch of {B} sequences of {T} tokens; lower train.batch_size, "
+                        "data.max_length, or enable small.gradient_checkpointing") from None
+    labels = batch["labels"].to(dev)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100, reduction="sum")
+
+
+def _nonfinite(run: Run, loss: float) -> None:
+    p = run.progress
+    p.nonfinite_skipped += 1
+    if p.nonfinite_skipped > run.cfg.train.skip_nonfinite:
+        raise UserError(f"non-finite training loss ({loss}) at step {p.step + 1}; nothing was saved over the last "
+                        f"good checkpoint. Lower the learning rate, or allow N such steps with --skip-nonfinite N")
+    run.log(f"step {p.step + 1}: non-finite loss skipped ({p.nonfinite_skipped}/{run.cfg.train.skip_nonfinite})")
+
+
+@torch.no_grad()
+def validate(run: Run) -> float:
+    """Mean loss per target token over the whole held-out set (token-weighted, summed across ranks)."""
+    acc, B = run.accelerator, run.cfg.train.batch_size
+    pad = run.unwrapped.tokenizer.pad_token_id
+    run.model.eval()
+    total, count = torch.zeros(()), torch.zeros(())
+    val = run.data.val
+    for start in range(acc.process_index * B, len(val), B * acc.num_processes):
+        examples = val[start:start + B]
+        total += _loss_sum(run, collate(examples, pad)).float().cpu()
+        count += sum(_targets(e) for e in examples)
+    run.model.train()
+    total, count = acc.reduce(total, reduction="sum"), acc.reduce(count, reduction="sum")
+    return float(total / count) if count else float("nan")
+
+
+def _early_stopping(run: Run, val: float) -> None:
+    p, patience = run.progress, run.cfg.train.patience
+    if p.best_val is None or val < p.best_val:
+        p.best_val, p.best_step, p.bad_validations = val, p.step, 0
+    else:
+        p.bad_validations += 1
+        if patience is not None and p.bad_validations >= patience:
+            p.stopped_early = True
+            run.log(f"early stop at step {p.step}: validation loss has not improved for {patience} validations")
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------
+def save_checkpoint(run: Run, best: bool) -> None:
+    run.accelerator.wait_for_everyone()
+    if not run.accelerator.is_main_process:
+        return
+    root = run.out / "checkpoints"
+    final = root / f"step-{run.progress.step:08d}"
+    tmp = root / f".step-{run.progress.step:08d}.tmp"
+    ckpt.write_training_checkpoint(tmp, run.unwrapped, run.optimizer, run.scheduler, run.accelerator,
+                                   run.progress.__dict__)
+    ckpt.replace_dir(tmp, final)
+    ckpt.prune_checkpoints(root, keep=2)
+    if best:
+        run.unwrapped.save_pretrained(run.out / "best")
+
+
+def restore_latest(run: Run) -> None:
+    found = ckpt.latest_training_checkpoint(run.out / "checkpoints", log=run.log)
+    if found is None:
+        return
+    state = ckpt.read_training_checkpoint(found, run.unwrapped, run.optimizer, run.scheduler, run.accelerator)
+    run.progress = Progress(**state)
+    ckpt.truncate_metrics(run.out / "metrics.jsonl", run.progress.step)
+    run.log(f"resumed from {found} (step {run.progress.step}, epoch {run.progress.epoch})")
+
+
+def log_metrics(run: Run, record: dict) -> None:
+    if run.cfg.train.tensorboard:
+        run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    if run.accelerator.is_main_process:
+        with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(run: Run) -> None:
+    if run.accelerator.is_main_process and (run.out / "metrics.jsonl").exists():
+        from .plots import plot_metrics
+
+        plot_metrics({"train": run.out / "metrics.jsonl"}, run.out / "loss.png")
+
+
+def train(cfg: LLMModulesConfig, *, resume: bool = True, log=print) -> Progress:
+    """Set up, fit and return the final progress; the trained weights are in `<output_dir>/checkpoints`."""
+    run = setup(cfg, resume=resume, log=log)
+    log(f"training {sum(p.numel() for _, p in run.unwrapped.trainable_named_parameters()):,} parameters for "
+        f"{run.max_steps} steps ({len(run.data.train)} train / {len(run.data.val)} val examples) -> {run.out}")
+    progress = fit(run)
+    if progress.best_val is not None:
+        log(f"best validation loss {progress.best_val:.4f} at step {progress.best_step}")
+    return progress
