@@ -176,6 +176,9 @@ class LLMModulesConfig:
     tokenizer: Optional[str] = None
     # Output vocabulary of the new LM head; None = len(tokenizer), or the large config's vocab_size.
     vocab_size: Optional[int] = None
+    # "stream": the paper's coupling (the small model reads only the bridge output, position by position);
+    # "none": the small model alone with its own token embeddings over the same vocabulary (the baseline arm).
+    coupling: Literal["stream", "none"] = "stream"
     data: DataConfig = field(default_factory=lambda: DataConfig())
     train: TrainConfig = field(default_factory=lambda: TrainConfig())
 

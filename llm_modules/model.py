@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import drop_token_embeddings, freeze, hidden_size, learned_position_limit, load_backbone, seeded
+from .backbones import (
+    drop_token_embeddings,
+    freeze,
+    hidden_size,
+    learned_position_limit,
+    load_backbone,
+    load_config,
+    seeded,
+)
 from .bridge import Bridge
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_tensors, save_tensors
 from .config import LLMModulesConfig
@@ -47,29 +55,42 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class LLMModules(nn.Module):
     """A frozen large causal LM whose states drive a small causal LM over the large model's vocabulary."""
 
-    def __init__(self, config: LLMModulesConfig, large: nn.Module, small: nn.Module, vocab_size: int, tokenizer=None):
+    def __init__(
+        self, config: LLMModulesConfig, large: Optional[nn.Module], small: nn.Module, vocab_size: int, tokenizer=None
+    ):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
-        self.large = freeze(large)
-        d_large, d_small = hidden_size(large.config), hidden_size(small.config)
-        self.bridge = Bridge(d_large, d_small, config.bridge)
-        drop_token_embeddings(small)
+        d_small = hidden_size(small.config)
+        if config.coupling == "none":
+            # The baseline: the small model alone, reading tokens through its own table over the same vocabulary.
+            self.large, self.bridge = None, None
+            small.set_input_embeddings(nn.Embedding(vocab_size, d_small))
+        else:
+            self.large = freeze(large)
+            self.bridge = Bridge(hidden_size(large.config), d_small, config.bridge)
+            drop_token_embeddings(small)
         self.small = small
         self.lm_head = nn.Linear(d_small, vocab_size, bias=False)
-        self.position_limits = {"large": learned_position_limit(large), "small": learned_position_limit(small)}
+        self.position_limits = {"small": learned_position_limit(small)}
+        if self.large is not None:
+            self.position_limits["large"] = learned_position_limit(large)
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: LLMModulesConfig, tokenizer=None) -> "LLMModules":
         """Build the model a config describes; random parts are seeded from `config.bridge.seed`."""
         seed = config.bridge.seed
-        large = load_backbone(config.large, pretrained=True, seed=INLINE_LARGE_SEED, where="large")
+        if config.coupling == "none":  # the baseline never runs the large model: read its config only
+            large, large_config = None, load_config(config.large, "large")
+        else:
+            large = load_backbone(config.large, pretrained=True, seed=INLINE_LARGE_SEED, where="large")
+            large_config = large.config
         small = load_backbone(config.small, pretrained=config.small.pretrained, seed=seed + 2, where="small")
         if tokenizer is None:
             tokenizer = load_model_tokenizer(config)
-        vocab_size = resolve_vocab_size(config, tokenizer, large.config.vocab_size)
-        check_source_layer(config.large.layer, large.config)
+        vocab_size = resolve_vocab_size(config, tokenizer, large_config.vocab_size)
+        check_source_layer(config.large.layer, large_config)
         with seeded(seed):
             model = cls(config.replace(vocab_size=vocab_size), large, small, vocab_size, tokenizer)
         if config.small.gradient_checkpointing:
@@ -78,7 +99,8 @@ class LLMModules(nn.Module):
 
     def train(self, mode: bool = True) -> "LLMModules":
         super().train(mode)
-        self.large.eval()  # frozen means eval forever: no dropout in the large model
+        if self.large is not None:
+            self.large.eval()  # frozen means eval forever: no dropout in the large model
         return self
 
     # ---- what trains ---------------------------------------------------------------------------------------
@@ -141,11 +163,14 @@ class LLMModules(nn.Module):
         position_ids = positions_from_mask(attention_mask)[:, P:]  # (B, T)
         self.check_length(int(position_ids.max()) + 1 if position_ids.numel() else 0)
 
-        if source_states is None:
-            source_states = self.source_states(
-                input_ids, attention_mask, position_ids, cache.large if cache is not None else None
-            )
-        x = self.bridge(source_states.to(self.lm_head.weight.dtype), attention_mask, cache.bridge if cache else None)
+        if self.bridge is None:
+            x = self.small.get_input_embeddings()(input_ids)  # (B, T, D_S): the small-alone baseline
+        else:
+            if source_states is None:
+                source_states = self.source_states(
+                    input_ids, attention_mask, position_ids, cache.large if cache is not None else None
+                )
+            x = self.bridge(source_states.to(self.lm_head.weight.dtype), attention_mask, cache.bridge if cache else None)
         h = self.small(
             inputs_embeds=x,  # (B, T, D_S)
             attention_mask=attention_mask,
@@ -169,7 +194,7 @@ class LLMModules(nn.Module):
         return generate(self, input_ids, attention_mask, **kwargs)
 
     def new_cache(self) -> LLMModulesCache:
-        return LLMModulesCache.empty(len(self.bridge.layers))
+        return LLMModulesCache.empty(len(self.bridge.layers) if self.bridge is not None else 0)
 
     def check_length(self, length: int) -> None:
         for role, limit in self.position_limits.items():
@@ -209,7 +234,8 @@ class LLMModules(nn.Module):
         """What a checkpoint must agree on to be loadable into this model."""
         return {
             "large": self.config.large.identity,
-            "large_hidden": hidden_size(self.large.config),
+            "coupling": self.config.coupling,
+            "large_hidden": self.bridge.pre_proj.in_features if self.bridge is not None else None,
             "small_hidden": hidden_size(self.small.config),
             "vocab_size": self.lm_head.out_features,
         }
@@ -274,7 +300,7 @@ def check_compatible(config: LLMModulesConfig, saved: LLMModulesConfig, where: s
 
 
 def check_signature(saved: dict, own: dict, where: str) -> None:
-    names = {"large": "large model", "large_hidden": "large hidden size", "small_hidden": "small hidden size",
+    names = {"large": "large model", "coupling": "coupling", "large_hidden": "large hidden size", "small_hidden": "small hidden size",
              "vocab_size": "vocabulary size"}
     problems = [f"{names[k]}: checkpoint has {saved.get(k)!r}, model has {v!r}" for k, v in own.items() if saved.get(k) != v]
     collect(problems, f"checkpoint {where} was trained for another model")

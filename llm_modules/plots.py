@@ -22,7 +22,8 @@ def plot_metrics(runs: dict[str, Path], out: Path, title: str = "loss per target
     for i, (name, path) in enumerate(runs.items()):
         rows = read_metrics(path)
         color = f"C{i}"
-        ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], color=color, alpha=0.4, lw=1,
+        train = [r for r in rows if r.get("train_loss") is not None]
+        ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], color=color, alpha=0.4, lw=1,
                 label=f"{name} train")
         val = [r for r in rows if r.get("val_loss") is not None]
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=color, label=f"{name} val")

@@ -127,15 +127,20 @@ def micro_batches(run: Run) -> Iterator[tuple[int, int, list[int]]]:
         epoch, start = epoch + 1, 0
 
 
-def fit(run: Run) -> Progress:
+def fit(run: Run, stop_at: Optional[int] = None) -> Progress:
+    """Train until max_steps (or early stopping); `stop_at` ends the process-side loop sooner, as an interruption
+    would, leaving a checkpoint at that step (used to test exact resume)."""
     t, acc, p = run.cfg.train, run.accelerator, run.progress
+    stop_at = run.max_steps if stop_at is None else min(stop_at, run.max_steps)
     pad = run.unwrapped.tokenizer.pad_token_id
     bar = tqdm(total=run.max_steps, initial=p.step, desc="train", disable=not acc.is_main_process, dynamic_ncols=True)
     window: list[tuple[list[int], int]] = []  # the micro-batches of one optimizer step
     tokens_seen, t0 = 0, time.perf_counter()
+    if p.step == 0 and run.data.val:
+        log_metrics(run, {"step": 0, "val_loss": validate(run)})  # where training starts from
     run.model.train()
     for epoch, index, global_batch in micro_batches(run):
-        if p.step >= run.max_steps or p.stopped_early:
+        if p.step >= stop_at or p.stopped_early:
             break
         window.append((global_batch, epoch))
         if len(window) < t.grad_accum:
@@ -158,7 +163,7 @@ def fit(run: Run) -> Progress:
             record["val_loss"] = validate(run)
             _early_stopping(run, record["val_loss"])
         log_metrics(run, record)
-        if p.step % t.save_every == 0 or p.step == run.max_steps or p.stopped_early:
+        if p.step % t.save_every == 0 or p.step in (run.max_steps, stop_at) or p.stopped_early:
             save_checkpoint(run, best=record.get("val_loss") is not None and p.best_step == p.step)
     bar.close()
     if p.step and not (run.out / "checkpoints" / f"step-{p.step:08d}").exists():
@@ -177,9 +182,11 @@ def train_step(run: Run, global_batches: list[list[int]], pad: int) -> tuple[Opt
     n_step = sum(_targets(e) for g in batches for e in g)  # target tokens of the whole step, all ranks
     total = 0.0
     for examples in batches:
-        mine = collate(examples[rank * B:(rank + 1) * B], pad)
+        mine = examples[rank * B:(rank + 1) * B]
+        # A short last batch may leave this rank nothing; it still joins the backward (DDP) with zero weight.
+        weight = 1.0 if mine else 0.0
         with acc.accumulate(run.model):
-            loss_sum = _loss_sum(run, mine)
+            loss_sum = _loss_sum(run, collate(mine or examples[:1], pad)) * weight
             # accelerate divides by grad_accum and DDP averages over ranks: undo both to get sum / n_step.
             acc.backward(loss_sum / max(1, n_step) * world * t.grad_accum)
             total += float(loss_sum.detach())
@@ -292,12 +299,12 @@ def plot_losses(run: Run) -> None:
         plot_metrics({"train": run.out / "metrics.jsonl"}, run.out / "loss.png")
 
 
-def train(cfg: LLMModulesConfig, *, resume: bool = True, log=print) -> Progress:
+def train(cfg: LLMModulesConfig, *, resume: bool = True, log=print, stop_at: Optional[int] = None) -> Progress:
     """Set up, fit and return the final progress; the trained weights are in `<output_dir>/checkpoints`."""
     run = setup(cfg, resume=resume, log=log)
     log(f"training {sum(p.numel() for _, p in run.unwrapped.trainable_named_parameters()):,} parameters for "
         f"{run.max_steps} steps ({len(run.data.train)} train / {len(run.data.val)} val examples) -> {run.out}")
-    progress = fit(run)
+    progress = fit(run, stop_at=stop_at)
     if progress.best_val is not None:
         log(f"best validation loss {progress.best_val:.4f} at step {progress.best_step}")
     return progress

@@ -186,3 +186,23 @@ def test_bad_source_layer_is_rejected():
         LLMModules.from_config(tiny_config().replace(large={"layer": 7}))
     mid = LLMModules.from_config(tiny_config().replace(large={"layer": 1}))
     assert mid(torch.randint(0, 96, (1, 5))).logits.shape == (1, 5, 96)
+
+
+def test_small_alone_baseline_has_its_own_embeddings_and_no_large_model():
+    alone = build(tiny_config().replace(coupling="none"))
+    combined = build()
+    assert alone.large is None and alone.bridge is None
+    names = {n for n, _ in alone.trainable_named_parameters()}
+    assert "small.wte.weight" in names and not any(n.startswith("bridge.") for n in names)
+    assert alone.small.wte.weight.shape == (96, 32)
+    # Same small model: every small block parameter has the same name and shape in both arms.
+    blocks = lambda m: {n: p.shape for n, p in m.small.named_parameters() if ".h." in n}  # noqa: E731
+    assert blocks(alone) == blocks(combined)
+    x = torch.randint(0, 96, (2, 8))
+    out = alone(x, labels=x)
+    assert out.logits.shape == (2, 8, 96) and out.loss.isfinite()
+    # Causal and cacheable like the combined model.
+    y = x.clone()
+    y[:, 5] = (y[:, 5] + 1) % 96
+    assert torch.equal(alone(y).logits[:, :5], out.logits[:, :5])
+    torch.testing.assert_close(alone.generate(x, max_new_tokens=4), alone.generate(x, max_new_tokens=4, use_cache=False))

@@ -1,0 +1,121 @@
+"""Training through the real CLI, exact resume, and bad input (clear message, exit 2, no traceback)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm_modules.__main__ import load_config, main
+from llm_modules.train import train
+
+TINY = "configs/tiny-random.yaml"
+
+
+def _cli(*args):
+    return main(["train", "--config", TINY, *map(str, args)])
+
+
+def test_few_steps_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli("--output-dir", out, "--max-steps", 4, "--train.eval_every", 2, "--save-every", 2) == 0
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all(set(r) >= {"train_loss", "lr", "tokens_per_s"} for r in rows[1:])
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert (out / "best" / "model.safetensors").exists()
+    # A second call resumes and, already at max_steps, does nothing more.
+    assert _cli("--output-dir", out, "--max-steps", 4) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_console_entry_point_runs(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "llm_modules", "train", "--config", TINY, "--output-dir",
+                        str(tmp_path / "run"), "--max-steps", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_training_lowers_validation_loss(tmp_path):
+    cfg = load_config(TINY, [("train.eval_every", 13)], output_dir=str(tmp_path / "run"))
+    train(cfg, resume=False)
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) >= 2 and val[-1] < val[0] - 0.3, val
+
+
+def _weights(d):
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_resume_is_exact(tmp_path):
+    K = 5
+    over = [("train.max_steps", 2 * K), ("train.save_every", 100), ("train.eval_every", 3),
+            ("bridge.dropout", 0.2)]  # dropout on: the RNG state must be restored too
+    whole = load_config(TINY, over, output_dir=str(tmp_path / "whole"))
+    train(whole, resume=False)
+    split = load_config(TINY, over, output_dir=str(tmp_path / "split"))
+    train(split, resume=False, stop_at=K)
+    assert (tmp_path / "split" / "checkpoints" / f"step-{K:08d}").is_dir()
+    train(split, resume=True)
+    a = _weights(tmp_path / "whole" / "checkpoints" / f"step-{2 * K:08d}")
+    b = _weights(tmp_path / "split" / "checkpoints" / f"step-{2 * K:08d}")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    mb = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "tokens_per_s"} for r in rows]  # noqa
+    assert strip(ma) == strip(mb)
+
+
+BAD = {
+    "invalid JSON": ('{"messages": [', "invalid JSON"),
+    "missing field": ('{"foo": 1}', "missing field"),
+    "unknown role": ('{"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+                     "unknown role"),
+    "empty assistant": ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}',
+                        "empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD) + ["non-UTF-8"])
+def test_bad_records_stop_with_file_and_line(tmp_path, capsys, case):
+    data = tmp_path / "data.jsonl"
+    good = open("tests/fixtures/tiny_chat.jsonl", "rb").read().splitlines()[:20]
+    bad = b"\xff\xfe broken" if case == "non-UTF-8" else BAD[case][0].encode()
+    data.write_bytes(b"\n".join(good[:7] + [bad] + good[7:]) + b"\n")
+    out = tmp_path / "run"
+    code = _cli("--output-dir", out, "--max-steps", 1, "--data.path", data)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{data}:8" in err, err
+    if case != "non-UTF-8":
+        assert BAD[case][1].lower() in err.lower(), err
+    # --skip-bad trains and lists what it skipped.
+    assert _cli("--output-dir", out, "--max-steps", 1, "--data.path", data, "--skip-bad") == 0
+    skipped = (out / "skipped_records.jsonl").read_text().splitlines()
+    assert len(skipped) == 1 and ":8" not in skipped[0] and json.loads(skipped[0])[1] == 8
+
+
+@pytest.mark.parametrize("override,expect", [
+    (["--train.lrr", "1"], "train.lrr: unknown key"),
+    (["--train.batch_size", "four"], "train.batch_size: expected int"),
+    (["--bridge.gate", "maybe"], "bridge.gate: 'maybe' is not one of"),
+    (["--data.path", "/nonexistent/x.jsonl"], "/nonexistent/x.jsonl"),
+    (["--train.output_dir", "/proc/forbidden"], "not writable"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, capsys, override, expect):
+    code = main(["train", "--config", TINY, "--max-steps", "1", "--output-dir", str(tmp_path / "r"), *override]
+                if "output_dir" not in override[0] else ["train", "--config", TINY, "--max-steps", "1", *override])
+    err = capsys.readouterr().err
+    assert code == 2 and expect in err and "Traceback" not in err, err
+
+
+def test_empty_dataset_after_filtering_is_a_clear_error(tmp_path, capsys):
+    code = _cli("--output-dir", tmp_path / "r", "--max-steps", 1, "--data.max_length", 4)
+    err = capsys.readouterr().err
+    assert code == 2 and "max_length" in err, err
