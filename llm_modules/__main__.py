@@ -83,6 +83,24 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
+def cmd_cache_features(args, extra) -> int:
+    from . import features
+    from .data import build_datasets
+    from .model import LLMModules, load_model_tokenizer
+
+    cfg = load_config(args.config, parse_overrides(extra))
+    if cfg.coupling != "stream":
+        raise UserError(f"coupling: {cfg.coupling!r} does not read the large model per token; nothing to cache")
+    tokenizer = load_model_tokenizer(cfg)
+    data = build_datasets(cfg.data, tokenizer)
+    found = features.available(cfg, data)
+    if found is None:
+        found = features.prepare(LLMModules.from_config(cfg, tokenizer=tokenizer), cfg, data)
+    for split, f in found.items():
+        print(f"{split}: {f.num_examples} examples in {f.directory}")
+    return 0
+
+
 def _load_for_generation(args):
     from .model import LLMModules
 
@@ -199,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records (listed in the output dir)")
     p.add_argument("--skip-nonfinite", type=int, help="tolerate up to N steps with a non-finite loss")
     p.set_defaults(func=cmd_train, extra_ok=True)
+
+    p = sub.add_parser("cache-features", help="run the large model once over the data and store its states")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_cache_features, extra_ok=True)
 
     p = sub.add_parser("generate", help="stream answers to prompts")
     add_sampling_args(p)

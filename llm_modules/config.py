@@ -149,6 +149,7 @@ class TrainConfig:
     seed: int = 0
     feature_cache: Literal["off", "auto"] = "off"
     feature_dtype: Literal["float16", "bfloat16"] = "float16"
+    feature_cache_dir: Optional[str] = None  # None = <weights cache>/features, shared by runs (keyed by fingerprint)
     tensorboard: bool = False
     skip_nonfinite: int = 0
     num_threads: Optional[int] = None

@@ -56,8 +56,15 @@ class LLMModules(nn.Module):
     """A frozen large causal LM whose states drive a small causal LM over the large model's vocabulary."""
 
     def __init__(
-        self, config: LLMModulesConfig, large: Optional[nn.Module], small: nn.Module, vocab_size: int, tokenizer=None
+        self,
+        config: LLMModulesConfig,
+        large: Optional[nn.Module],
+        small: nn.Module,
+        vocab_size: int,
+        tokenizer=None,
+        large_config=None,
     ):
+        """`large` may be None with `large_config` given: a model that runs only from cached source states."""
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
@@ -67,8 +74,8 @@ class LLMModules(nn.Module):
             self.large, self.bridge = None, None
             small.set_input_embeddings(nn.Embedding(vocab_size, d_small))
         else:
-            self.large = freeze(large)
-            self.bridge = Bridge(hidden_size(large.config), d_small, config.bridge)
+            self.large = freeze(large) if large is not None else None
+            self.bridge = Bridge(hidden_size(large_config or large.config), d_small, config.bridge)
             drop_token_embeddings(small)
         self.small = small
         self.lm_head = nn.Linear(d_small, vocab_size, bias=False)
@@ -78,10 +85,11 @@ class LLMModules(nn.Module):
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: LLMModulesConfig, tokenizer=None) -> "LLMModules":
-        """Build the model a config describes; random parts are seeded from `config.bridge.seed`."""
+    def from_config(cls, config: LLMModulesConfig, tokenizer=None, load_large: bool = True) -> "LLMModules":
+        """Build the model a config describes; random parts are seeded from `config.bridge.seed`.
+        load_large=False skips the large model (training from the feature cache needs only its config)."""
         seed = config.bridge.seed
-        if config.coupling == "none":  # the baseline never runs the large model: read its config only
+        if config.coupling == "none" or not load_large:  # never runs the large model: read its config only
             large, large_config = None, load_config(config.large, "large")
         else:
             large = load_backbone(config.large, pretrained=True, seed=INLINE_LARGE_SEED, where="large")
@@ -92,7 +100,7 @@ class LLMModules(nn.Module):
         vocab_size = resolve_vocab_size(config, tokenizer, large_config.vocab_size)
         check_source_layer(config.large.layer, large_config)
         with seeded(seed):
-            model = cls(config.replace(vocab_size=vocab_size), large, small, vocab_size, tokenizer)
+            model = cls(config.replace(vocab_size=vocab_size), large, small, vocab_size, tokenizer, large_config)
         if config.small.gradient_checkpointing:
             model.small.gradient_checkpointing_enable()
         return model
@@ -126,6 +134,8 @@ class LLMModules(nn.Module):
         cache=None,
     ) -> torch.Tensor:
         """The large model's hidden states (B, T, D_L) at the configured layer; its LM head is never run."""
+        if self.large is None:
+            raise RuntimeError("this model was built without its large model (load_large=False): pass source_states")
         layer = self.config.large.layer
         out = self.large(
             input_ids=input_ids,

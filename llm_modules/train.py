@@ -23,7 +23,8 @@ from . import checkpoint as ckpt
 from .config import LLMModulesConfig
 from .data import DataBundle, LengthGroupedBatches, build_datasets, collate
 from .errors import UserError
-from .model import LLMModules
+from . import features as features_mod
+from .model import LLMModules, load_model_tokenizer
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Run:
     scheduler: object
     data: DataBundle
     batches: LengthGroupedBatches
+    features: Optional[dict] = None  # split -> features.SplitFeatures when training from the feature cache
     progress: Progress = field(default_factory=Progress)
     max_steps: int = 0
     log: object = print
@@ -74,10 +76,11 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
         log = lambda *a, **k: None  # noqa: E731  (one rank speaks)
     _check_writable(out)
     seed_everything(t.seed)
-    model = model or LLMModules.from_config(cfg)
-    if model.tokenizer is None:
+    tokenizer = model.tokenizer if model is not None else load_model_tokenizer(cfg)
+    if tokenizer is None:
         raise UserError("training needs a tokenizer: set `tokenizer` (e.g. byte-level) or name the large model")
-    data = build_datasets(cfg.data, model.tokenizer, log=log)
+    data = build_datasets(cfg.data, tokenizer, log=log)
+    model, features = build_model_and_features(cfg, data, tokenizer, model, log)
     if data.skipped:
         ckpt.atomic_write_text(out / "skipped_records.jsonl",
                                "".join(json.dumps(list(s)) + "\n" for s in data.skipped))
@@ -91,7 +94,8 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     kwargs = {"num_training_steps": max(1, max_steps)} if t.schedule == "cosine" else {}
     scheduler = make(optimizer, num_warmup_steps=t.warmup_steps, **kwargs)
     model, optimizer = accelerator.prepare(model, optimizer)
-    run = Run(cfg, out, accelerator, model, optimizer, scheduler, data, batches, max_steps=max_steps, log=log)
+    run = Run(cfg, out, accelerator, model, optimizer, scheduler, data, batches, features, max_steps=max_steps,
+              log=log)
     if t.tensorboard:
         accelerator.init_trackers("llm-modules")
     if resume:
@@ -99,6 +103,21 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     elif accelerator.is_main_process:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     return run
+
+
+def build_model_and_features(cfg, data, tokenizer, model, log):
+    """With train.feature_cache: auto, the large model runs once to fill the cache (or not at all if the cache is
+    complete) and is then released: training reads its states from disk."""
+    if cfg.train.feature_cache != "auto" or cfg.coupling != "stream":
+        return model or LLMModules.from_config(cfg, tokenizer=tokenizer), None
+    found = features_mod.available(cfg, data)
+    if found is not None:
+        log("feature cache complete: the large model is not loaded")
+        return model or LLMModules.from_config(cfg, tokenizer=tokenizer, load_large=False), found
+    model = model or LLMModules.from_config(cfg, tokenizer=tokenizer)
+    found = features_mod.prepare(model, cfg, data, log=log)
+    model.large = None  # frees its memory; nothing reads it from here on
+    return model, found
 
 
 def _check_writable(out: Path) -> None:
@@ -178,15 +197,14 @@ def train_step(run: Run, global_batches: list[list[int]], pad: int) -> tuple[Opt
     (None, 0) when a non-finite loss was skipped."""
     t, acc = run.cfg.train, run.accelerator
     rank, B, world = acc.process_index, t.batch_size, acc.num_processes
-    batches = [[run.data.train[i] for i in g] for g in global_batches]
-    n_step = sum(_targets(e) for g in batches for e in g)  # target tokens of the whole step, all ranks
+    n_step = sum(_targets(run.data.train[i]) for g in global_batches for i in g)  # whole step, all ranks
     total = 0.0
-    for examples in batches:
-        mine = examples[rank * B:(rank + 1) * B]
+    for indices in global_batches:
+        mine = indices[rank * B:(rank + 1) * B]
         # A short last batch may leave this rank nothing; it still joins the backward (DDP) with zero weight.
         weight = 1.0 if mine else 0.0
         with acc.accumulate(run.model):
-            loss_sum = _loss_sum(run, collate(mine or examples[:1], pad)) * weight
+            loss_sum = _loss_sum(run, "train", mine or indices[:1], pad) * weight
             # accelerate divides by grad_accum and DDP averages over ranks: undo both to get sum / n_step.
             acc.backward(loss_sum / max(1, n_step) * world * t.grad_accum)
             total += float(loss_sum.detach())
@@ -208,10 +226,15 @@ def _targets(example) -> int:
     return sum(1 for x in example.labels[1:] if x != -100)
 
 
-def _loss_sum(run: Run, batch: dict) -> torch.Tensor:
+def _loss_sum(run: Run, split: str, indices: list[int], pad: int) -> torch.Tensor:
+    """Summed next-token loss of examples `indices` of `split` (source states from the cache when there is one)."""
     dev = run.accelerator.device
+    batch = collate([getattr(run.data, split)[i] for i in indices], pad)
+    source = None
+    if run.features is not None:
+        source = run.features[split].batch(indices, batch["input_ids"].shape[1]).to(dev)
     try:
-        logits = run.model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev)).logits
+        logits = run.model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), source_states=source).logits
     except torch.OutOfMemoryError:
         B, T = batch["input_ids"].shape
         raise UserError(f"out of memory on a batch of {B} sequences of {T} tokens; lower train.batch_size, "
@@ -239,9 +262,9 @@ def validate(run: Run) -> float:
     total, count = torch.zeros(()), torch.zeros(())
     val = run.data.val
     for start in range(acc.process_index * B, len(val), B * acc.num_processes):
-        examples = val[start:start + B]
-        total += _loss_sum(run, collate(examples, pad)).float().cpu()
-        count += sum(_targets(e) for e in examples)
+        indices = list(range(start, min(start + B, len(val))))
+        total += _loss_sum(run, "val", indices, pad).float().cpu()
+        count += sum(_targets(val[i]) for i in indices)
     run.model.train()
     total, count = acc.reduce(total, reduction="sum"), acc.reduce(count, reduction="sum")
     return float(total / count) if count else float("nan")
