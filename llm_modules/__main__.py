@@ -83,6 +83,14 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
+def cmd_demo(args, extra) -> int:
+    from .demo import run_demo
+
+    cfg = load_config(args.config, parse_overrides(extra))
+    run_demo(cfg, Path(args.output_dir), eval_examples=args.eval_examples)
+    return 0
+
+
 def cmd_cache_features(args, extra) -> int:
     from . import features
     from .data import build_datasets
@@ -217,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records (listed in the output dir)")
     p.add_argument("--skip-nonfinite", type=int, help="tolerate up to N steps with a non-finite loss")
     p.set_defaults(func=cmd_train, extra_ok=True)
+
+    p = sub.add_parser("demo", help="the main job end to end: combined vs small alone on real weights")
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--eval-examples", type=int, default=24, help="held-out questions answered by each arm")
+    p.set_defaults(func=cmd_demo, extra_ok=True)
 
     p = sub.add_parser("cache-features", help="run the large model once over the data and store its states")
     p.add_argument("--config", required=True)

@@ -43,6 +43,7 @@ class Record(NamedTuple):
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken; not shifted
+    record: Optional[Record] = None  # where it came from (evaluation regenerates answers from its messages)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -542,6 +543,7 @@ def _examples(records: list[Record], tokenizer, cfg: DataConfig, skipped: list) 
         except TemplateRejected as e:
             _bad(r.source, r.line, str(e), cfg.skip_bad, skipped)
             continue
+        ex.record = r
         longest = max(longest, len(ex))
         if len(ex) > cfg.max_length:
             too_long += 1
