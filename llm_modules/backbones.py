@@ -27,6 +27,18 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def resolve_path(spec: ModelSpec) -> str:
     assert spec.name_or_path is not None
     from .weights import WEIGHTS, resolve  # lazy: only needed for registry names
@@ -58,9 +70,10 @@ def load_backbone(spec: ModelSpec, *, pretrained: bool, seed: int, where: str) -
     dtype = DTYPE[spec.dtype]
     if pretrained and spec.name_or_path is not None:
         try:
-            model = AutoModel.from_pretrained(
-                resolve_path(spec), revision=spec.revision, gguf_file=spec.gguf_file, dtype=dtype, **spec.overrides
-            )
+            with quiet_transformers():  # loading a base model from a *ForCausalLM checkpoint reports lm_head unused
+                model = AutoModel.from_pretrained(
+                    resolve_path(spec), revision=spec.revision, gguf_file=spec.gguf_file, dtype=dtype, **spec.overrides
+                )
         except (OSError, ValueError) as e:
             raise UserError(f"{where}.name_or_path: cannot load weights from {spec.name_or_path!r}: {e}") from None
     else:
