@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .data import IGNORE_INDEX, Example, collate
+from .data import Example, collate
 from .prompts import encode_prompt, with_system_prompt
 
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
@@ -70,11 +70,10 @@ def heldout_loss(model, examples: list[Example], *, batch_size: int = 8, feature
         idx = list(range(start, min(start + batch_size, len(examples))))
         batch = collate([examples[i] for i in idx], pad)
         source = features.batch(idx, batch["input_ids"].shape[1]) if features is not None else None
-        logits = model(batch["input_ids"], batch["attention_mask"], source_states=source).logits
-        labels = batch["labels"][:, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                         ignore_index=IGNORE_INDEX, reduction="sum"))
-        count += int((labels != IGNORE_INDEX).sum())
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], source_states=source,
+                    return_logits=False)
+        total += float(out.loss_sum)
+        count += out.num_targets
     loss = total / max(1, count)
     return LossResult(loss, math.exp(min(loss, 50.0)), count)
 

@@ -37,9 +37,11 @@ INLINE_LARGE_SEED = 1234
 
 @dataclass
 class LLMModulesOutput:
-    logits: torch.Tensor  # (B, T, V)
-    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor]  # (B, T, V); None when only the loss was asked for
+    loss: Optional[torch.Tensor] = None  # mean over target tokens
     cache: Optional[LLMModulesCache] = None
+    loss_sum: Optional[torch.Tensor] = None  # summed over target tokens (token-weighted averaging across batches)
+    num_targets: int = 0
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -156,11 +158,13 @@ class LLMModules(nn.Module):
         source_states: Optional[torch.Tensor] = None,
         cache: Optional[LLMModulesCache] = None,
         logits_to_keep: int = 0,
+        return_logits: bool = True,
     ) -> LLMModulesOutput:
         """input_ids (B, T): the new tokens (all of them without a cache); attention_mask (B, P + T) covers the
         cached and the new positions (Hugging Face convention); source_states (B, T, D_L) replaces the large model
         (feature cache); labels (B, T) are shifted inside; cache is updated in place; logits_to_keep > 0 computes
-        the head for the last positions only (decoding)."""
+        the head for the last positions only (decoding); return_logits=False with labels runs the head only where a
+        label is taken (prompt and padding positions skip the V-way projection; same loss)."""
         ref = input_ids if input_ids is not None else source_states
         if ref is None:
             raise ValueError("give input_ids or source_states")
@@ -188,6 +192,14 @@ class LLMModules(nn.Module):
             cache=cache.small if cache is not None else None,
             use_cache=cache is not None,
         ).last_hidden_state
+        if labels is not None and not return_logits:
+            targets = labels[:, 1:]
+            keep = targets != -100  # (B, T-1)
+            logits_t = self.lm_head(h[:, :-1][keep])  # (N, V): only where a label is taken
+            loss_sum = F.cross_entropy(logits_t.float(), targets[keep], reduction="sum")
+            n = int(keep.sum())
+            return LLMModulesOutput(logits=None, loss=loss_sum / max(n, 1), cache=cache, loss_sum=loss_sum,
+                                    num_targets=n)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return LLMModulesOutput(logits=logits, loss=loss, cache=cache)

@@ -234,14 +234,12 @@ def _loss_sum(run: Run, split: str, indices: list[int], pad: int) -> torch.Tenso
     if run.features is not None:
         source = run.features[split].batch(indices, batch["input_ids"].shape[1]).to(dev)
     try:
-        logits = run.model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), source_states=source).logits
+        return run.model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["labels"].to(dev),
+                         source_states=source, return_logits=False).loss_sum
     except torch.OutOfMemoryError:
         B, T = batch["input_ids"].shape
         raise UserError(f"out of memory on a batch of {B} sequences of {T} tokens; lower train.batch_size, "
                         "data.max_length, or enable small.gradient_checkpointing") from None
-    labels = batch["labels"].to(dev)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                             ignore_index=-100, reduction="sum")
 
 
 def _nonfinite(run: Run, loss: float) -> None:

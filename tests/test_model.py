@@ -206,3 +206,16 @@ def test_small_alone_baseline_has_its_own_embeddings_and_no_large_model():
     y[:, 5] = (y[:, 5] + 1) % 96
     assert torch.equal(alone(y).logits[:, :5], out.logits[:, :5])
     torch.testing.assert_close(alone.generate(x, max_new_tokens=4), alone.generate(x, max_new_tokens=4, use_cache=False))
+
+
+def test_loss_without_full_logits_equals_the_full_loss():
+    model = build()
+    x = torch.randint(0, 96, (3, 9))
+    labels = x.clone()
+    labels[0, :4] = -100
+    labels[2, 6:] = -100
+    full = model(x, labels=labels)
+    lean = model(x, labels=labels, return_logits=False)
+    assert lean.logits is None and lean.num_targets == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(lean.loss, full.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lean.loss_sum, full.loss * lean.num_targets, atol=1e-5, rtol=1e-6)
