@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .config import ModelSpec
 from .errors import UserError
@@ -65,13 +65,17 @@ def load_config(spec: ModelSpec, where: str) -> PretrainedConfig:
         ) from None
 
 
-def load_backbone(spec: ModelSpec, *, pretrained: bool, seed: int, where: str) -> PreTrainedModel:
-    """The base transformer (AutoModel: blocks + final norm, no LM head) described by `spec`."""
+def load_backbone(
+    spec: ModelSpec, *, pretrained: bool, seed: int, where: str, with_head: bool = False
+) -> PreTrainedModel:
+    """The base transformer (AutoModel: blocks + final norm, no LM head) described by `spec`, or with
+    with_head=True the causal LM (AutoModelForCausalLM) whose head the prompt coupling keeps."""
     dtype = DTYPE[spec.dtype]
+    auto = AutoModelForCausalLM if with_head else AutoModel
     if pretrained and spec.name_or_path is not None:
         try:
             with quiet_transformers():  # loading a base model from a *ForCausalLM checkpoint reports lm_head unused
-                model = AutoModel.from_pretrained(
+                model = auto.from_pretrained(
                     resolve_path(spec), revision=spec.revision, gguf_file=spec.gguf_file, dtype=dtype, **spec.overrides
                 )
         except (OSError, ValueError) as e:
@@ -79,7 +83,7 @@ def load_backbone(spec: ModelSpec, *, pretrained: bool, seed: int, where: str) -
     else:
         config = load_config(spec, where)
         with seeded(seed):
-            model = AutoModel.from_config(config, dtype=dtype)
+            model = auto.from_config(config, dtype=dtype)
     return model
 
 

@@ -77,6 +77,7 @@ class BridgeConfig:
     # "plain": x = layer(x).
     residual: Literal["paper", "plain"] = "paper"
     seed: int = 0  # seeds the random initialization of the bridge, the new LM head and a random small model
+    every: int = 4  # coupling: prompt: a gated cross-attention layer after every `every`-th small block
 
     def problems(self, where: str) -> list[str]:
         out = []
@@ -88,6 +89,8 @@ class BridgeConfig:
             out.append(f"{where}.adapter_dim: {self.adapter_dim} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"{where}.dropout: {self.dropout} must be in [0, 1)")
+        if self.every < 1:
+            out.append(f"{where}.every: {self.every} must be >= 1")
         if not 0.0 <= self.gate_value <= 1.0:
             out.append(f"{where}.gate_value: {self.gate_value} must be in [0, 1]")
         return out
@@ -178,8 +181,12 @@ class LLMModulesConfig:
     # Output vocabulary of the new LM head; None = len(tokenizer), or the large config's vocab_size.
     vocab_size: Optional[int] = None
     # "stream": the paper's coupling (the small model reads only the bridge output, position by position);
-    # "none": the small model alone with its own token embeddings over the same vocabulary (the baseline arm).
-    coupling: Literal["stream", "none"] = "stream"
+    # "none": the small model alone with its own token embeddings over the same vocabulary (the baseline arm);
+    # "prompt": the large model reads the prompt once, the small model (own tokenizer, embeddings and head) decodes
+    # alone, attending to that memory through gated cross-attention every `bridge.every` blocks.
+    coupling: Literal["stream", "none", "prompt"] = "stream"
+    # coupling: prompt: the small model's tokenizer (None = the small model's own, from small.name_or_path).
+    small_tokenizer: Optional[str] = None
     data: DataConfig = field(default_factory=lambda: DataConfig())
     train: TrainConfig = field(default_factory=lambda: TrainConfig())
 

@@ -77,8 +77,11 @@ def stream(
     tokenizer=None,
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
+    model_kwargs: Optional[dict] = None,
 ) -> Iterator[Step]:
-    """Yield one Step per new token. input_ids (B, T) left-padded; stops rows on eos ids or stop strings."""
+    """Yield one Step per new token. input_ids (B, T) left-padded; stops rows on eos ids or stop strings.
+    model_kwargs (e.g. memory_ids / memory_mask of the prompt coupling) go with the prefill, and with every step
+    when nothing is cached."""
     sampling = sampling or SamplingConfig()
     sampling.check()
     if stop and tokenizer is None:
@@ -95,9 +98,10 @@ def stream(
     step_input = input_ids
     for _ in range(sampling.max_new_tokens):
         if use_cache:
-            logits = model(step_input, mask, cache=cache, logits_to_keep=1).logits[:, -1]  # (B, V)
-        else:
-            logits = model(ids, mask, logits_to_keep=1).logits[:, -1]  # full recompute, as the reference does
+            extra = model_kwargs or {} if step_input is input_ids else {}
+            logits = model(step_input, mask, cache=cache, logits_to_keep=1, **extra).logits[:, -1]  # (B, V)
+        else:  # full recompute, as the reference does
+            logits = model(ids, mask, logits_to_keep=1, **(model_kwargs or {})).logits[:, -1]
         scores = procs(ids, logits.float())
         if sampling.do_sample:
             probs = torch.softmax(scores, dim=-1)

@@ -39,6 +39,7 @@ class LLMModulesCache:
     large: DynamicCache
     bridge: CrossAttentionCache
     small: DynamicCache = field(default_factory=DynamicCache)
+    memory_mask: Optional[torch.Tensor] = None  # coupling "prompt": (B, M) validity of the memory, set at prefill
 
     @classmethod
     def empty(cls, num_bridge_layers: int) -> "LLMModulesCache":
@@ -50,3 +51,4 @@ class LLMModulesCache:
     def reset(self) -> None:
         self.large, self.small = DynamicCache(), DynamicCache()
         self.bridge.reset()
+        self.memory_mask = None

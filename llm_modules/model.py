@@ -24,6 +24,7 @@ from .backbones import (
     seeded,
 )
 from .bridge import Bridge
+from .prompt_coupling import PromptBridge, attach, block_list
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_tensors, save_tensors
 from .config import LLMModulesConfig
 from .errors import UserError, collect
@@ -66,21 +67,31 @@ class LLMModules(nn.Module):
         tokenizer=None,
         large_config=None,
     ):
-        """`large` may be None with `large_config` given: a model that runs only from cached source states."""
+        """`large` may be None with `large_config` given: a model that runs only from cached source states.
+        For coupling "prompt", `small` is the small causal LM (with its head), kept whole."""
         super().__init__()
         self.config = config
-        self.tokenizer = tokenizer
-        d_small = hidden_size(small.config)
-        if config.coupling == "none":
-            # The baseline: the small model alone, reading tokens through its own table over the same vocabulary.
-            self.large, self.bridge = None, None
-            small.set_input_embeddings(nn.Embedding(vocab_size, d_small))
+        self.tokenizer = tokenizer  # the tokenizer of the model's output vocabulary
+        self.large_tokenizer = tokenizer  # what the large model reads (differs only for coupling "prompt")
+        self.large = freeze(large) if large is not None and config.coupling != "none" else None
+        if config.coupling == "prompt":
+            head, small = small.get_output_embeddings(), small.base_model
+            d_small = hidden_size(small.config)
+            self.bridge = PromptBridge(hidden_size(large_config or large.config), d_small,
+                                       len(block_list(small)), config.bridge)
+            attach(small, self.bridge)
         else:
-            self.large = freeze(large) if large is not None else None
-            self.bridge = Bridge(hidden_size(large_config or large.config), d_small, config.bridge)
-            drop_token_embeddings(small)
+            d_small = hidden_size(small.config)
+            if config.coupling == "none":
+                # The baseline: the small model alone, reading tokens through its own table over the same vocabulary.
+                self.bridge = None
+                small.set_input_embeddings(nn.Embedding(vocab_size, d_small))
+            else:
+                self.bridge = Bridge(hidden_size(large_config or large.config), d_small, config.bridge)
+                drop_token_embeddings(small)
+            head = nn.Linear(d_small, vocab_size, bias=False)
         self.small = small
-        self.lm_head = nn.Linear(d_small, vocab_size, bias=False)
+        self.lm_head = head
         self.position_limits = {"small": learned_position_limit(small)}
         if self.large is not None:
             self.position_limits["large"] = learned_position_limit(large)
@@ -96,13 +107,18 @@ class LLMModules(nn.Module):
         else:
             large = load_backbone(config.large, pretrained=True, seed=INLINE_LARGE_SEED, where="large")
             large_config = large.config
-        small = load_backbone(config.small, pretrained=config.small.pretrained, seed=seed + 2, where="small")
+        prompt = config.coupling == "prompt"
+        small = load_backbone(config.small, pretrained=config.small.pretrained, seed=seed + 2, where="small",
+                              with_head=prompt)
         if tokenizer is None:
             tokenizer = load_model_tokenizer(config)
-        vocab_size = resolve_vocab_size(config, tokenizer, large_config.vocab_size)
+        out_tokenizer = load_small_tokenizer(config) if prompt else tokenizer
+        vocab_size = (resolve_vocab_size(config, tokenizer, large_config.vocab_size) if not prompt
+                      else small.get_output_embeddings().out_features)
         check_source_layer(config.large.layer, large_config)
         with seeded(seed):
-            model = cls(config.replace(vocab_size=vocab_size), large, small, vocab_size, tokenizer, large_config)
+            model = cls(config.replace(vocab_size=vocab_size), large, small, vocab_size, out_tokenizer, large_config)
+        model.large_tokenizer = tokenizer
         if config.small.gradient_checkpointing:
             model.small.gradient_checkpointing_enable()
         return model
@@ -159,12 +175,16 @@ class LLMModules(nn.Module):
         cache: Optional[LLMModulesCache] = None,
         logits_to_keep: int = 0,
         return_logits: bool = True,
+        memory_ids: Optional[torch.Tensor] = None,
+        memory_mask: Optional[torch.Tensor] = None,
     ) -> LLMModulesOutput:
         """input_ids (B, T): the new tokens (all of them without a cache); attention_mask (B, P + T) covers the
-        cached and the new positions (Hugging Face convention); source_states (B, T, D_L) replaces the large model
-        (feature cache); labels (B, T) are shifted inside; cache is updated in place; logits_to_keep > 0 computes
-        the head for the last positions only (decoding); return_logits=False with labels runs the head only where a
-        label is taken (prompt and padding positions skip the V-way projection; same loss)."""
+        cached and the new positions (Hugging Face convention); source_states replaces the large model (feature
+        cache): (B, T, D_L) for the stream coupling, (B, M, D_L) memory states for the prompt coupling; labels (B, T)
+        are shifted inside; cache is updated in place; logits_to_keep > 0 computes the head for the last positions
+        only (decoding); return_logits=False with labels runs the head only where a label is taken (prompt and
+        padding positions skip the V-way projection; same loss). memory_ids / memory_mask (B, M): the prompt in the
+        large model's tokenizer (coupling "prompt"; not needed once the cache holds the memory)."""
         ref = input_ids if input_ids is not None else source_states
         if ref is None:
             raise ValueError("give input_ids or source_states")
@@ -176,22 +196,24 @@ class LLMModules(nn.Module):
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be (B, cached + new) = {(B, P + T)}")
         position_ids = positions_from_mask(attention_mask)[:, P:]  # (B, T)
         self.check_length(int(position_ids.max()) + 1 if position_ids.numel() else 0)
+        small_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids,
+                            cache=cache.small if cache is not None else None, use_cache=cache is not None)
 
-        if self.bridge is None:
-            x = self.small.get_input_embeddings()(input_ids)  # (B, T, D_S): the small-alone baseline
+        if self.config.coupling == "prompt":
+            kv, mem_mask = self._memory(memory_ids, memory_mask, source_states, cache)
+            with self.bridge.bound(kv, mem_mask):
+                h = self.small(input_ids=input_ids, **small_kwargs).last_hidden_state  # (B, T, D_S)
         else:
-            if source_states is None:
-                source_states = self.source_states(
-                    input_ids, attention_mask, position_ids, cache.large if cache is not None else None
-                )
-            x = self.bridge(source_states.to(self.lm_head.weight.dtype), attention_mask, cache.bridge if cache else None)
-        h = self.small(
-            inputs_embeds=x,  # (B, T, D_S)
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache.small if cache is not None else None,
-            use_cache=cache is not None,
-        ).last_hidden_state
+            if self.bridge is None:
+                x = self.small.get_input_embeddings()(input_ids)  # (B, T, D_S): the small-alone baseline
+            else:
+                if source_states is None:
+                    source_states = self.source_states(
+                        input_ids, attention_mask, position_ids, cache.large if cache is not None else None
+                    )
+                x = self.bridge(source_states.to(self.lm_head.weight.dtype), attention_mask,
+                                cache.bridge if cache else None)
+            h = self.small(inputs_embeds=x, **small_kwargs).last_hidden_state  # (B, T, D_S)
         if labels is not None and not return_logits:
             targets = labels[:, 1:]
             keep = targets != -100  # (B, T-1)
@@ -203,6 +225,25 @@ class LLMModules(nn.Module):
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return LLMModulesOutput(logits=logits, loss=loss, cache=cache)
+
+    def _memory(self, memory_ids, memory_mask, memory_states, cache) -> tuple[list, torch.Tensor]:
+        """Per-layer keys/values over the prompt memory: from the cache after prefill (the large model is not
+        called again), else computed from the large model's states (or given states) and stored in the cache."""
+        if cache is not None and cache.memory_mask is not None:
+            return list(zip(cache.bridge.keys, cache.bridge.values)), cache.memory_mask
+        if memory_mask is None:
+            ref = memory_ids if memory_ids is not None else memory_states
+            if ref is None:
+                raise ValueError("coupling 'prompt' needs memory_ids (the prompt in the large tokenizer) or states")
+            memory_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+        if memory_states is None:
+            memory_states = self.source_states(memory_ids, memory_mask, positions_from_mask(memory_mask))
+        kv = self.bridge.keys_values(memory_states.to(self.lm_head.weight.dtype))
+        if cache is not None:
+            for i, (k, v) in enumerate(kv):
+                cache.bridge.update(i, k, v)
+            cache.memory_mask = memory_mask
+        return kv, memory_mask
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """New token ids (B, N) after a left-padded prompt batch; see generate.generate for the arguments
@@ -298,6 +339,20 @@ def load_model_tokenizer(config: LLMModulesConfig):
     from .vocab import load_tokenizer
 
     return load_tokenizer(name, gguf_file=gguf)
+
+
+def load_small_tokenizer(config: LLMModulesConfig):
+    """coupling: prompt decodes in the small model's own vocabulary."""
+    name = config.small_tokenizer
+    if name is None and config.small.name_or_path is not None:
+        from .backbones import resolve_path
+
+        name = resolve_path(config.small)
+    if name is None:
+        raise UserError("coupling: prompt with an inline small config needs `small_tokenizer` (e.g. byte-level)")
+    from .vocab import load_tokenizer
+
+    return load_tokenizer(name, gguf_file=config.small.gguf_file if config.small_tokenizer is None else None)
 
 
 def resolve_vocab_size(config: LLMModulesConfig, tokenizer, large_vocab: int) -> int:

@@ -1,0 +1,95 @@
+"""coupling: prompt: gate closed == small model alone, cached == uncached, the large model runs once per prompt."""
+import pytest
+import torch
+from tiny import LARGE, SMALL
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from llm_modules import LLMModules, LLMModulesConfig
+from llm_modules.backbones import seeded
+from llm_modules.generate import SamplingConfig, stream
+
+
+def cfg(small="llama", every=1, **over):
+    d = {"large": {"config": LARGE["qwen2"]}, "small": {"config": {**SMALL[small], "vocab_size": 300}},
+         "bridge": {"num_heads": 4, "adapter_dim": 8, "dropout": 0.0, "every": every},
+         "coupling": "prompt", "small_tokenizer": "byte-level", **over}
+    return LLMModulesConfig.from_dict(d)
+
+
+def small_alone(c):
+    d = dict(c.small.config)
+    with seeded(c.bridge.seed + 2):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).eval()
+
+
+def open_gates(model, value=0.7):
+    with torch.no_grad():
+        for g in model.bridge.layers:
+            g.alpha.fill_(value)
+
+
+@pytest.mark.parametrize("small", ["llama", "gpt_neo", "gpt2", "qwen2"])
+def test_gate_closed_equals_the_small_model_alone(small):
+    c = cfg(small)
+    model = LLMModules.from_config(c).eval()
+    ref = small_alone(c)
+    ids = torch.randint(0, 300, (2, 9))
+    memory = torch.randint(0, 96, (2, 5))
+    # The same call the combined model makes: explicit mask and positions, no cache (GPT-Neo's kernels differ in the
+    # last bit with a cache or without a mask).
+    same = dict(attention_mask=torch.ones_like(ids), position_ids=torch.arange(9).expand(2, 9), use_cache=False)
+    assert torch.equal(model(ids, memory_ids=memory).logits, ref(ids, **same).logits)
+    open_gates(model)  # once open, the memory matters
+    a, b = model(ids, memory_ids=memory).logits, model(ids, memory_ids=(memory + 1) % 96).logits
+    assert not torch.allclose(a, b)
+
+
+def test_cross_attention_every_k_blocks_and_trainable_set():
+    model = LLMModules.from_config(cfg("llama", every=2))
+    assert model.bridge.block_indices == [1]  # 2 small blocks, every 2nd
+    names = {n for n, _ in model.trainable_named_parameters()}
+    assert "bridge.layers.0.alpha" in names and "bridge.pre_proj.weight" in names
+    assert not any(n.startswith("large.") for n in names)
+    assert "small.embed_tokens.weight" in names  # the small model keeps its own embeddings
+
+
+@pytest.mark.parametrize("small", ["llama", "gpt_neo"])
+def test_cached_decoding_equals_recompute_and_large_runs_once(small):
+    model = LLMModules.from_config(cfg(small)).eval()
+    open_gates(model)
+    ids = torch.randint(0, 300, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    memory = torch.randint(0, 96, (3, 7))
+    memory_mask = torch.ones_like(memory)
+    memory_mask[2, 5:] = 0
+    kw = {"memory_ids": memory, "memory_mask": memory_mask}
+    calls = []
+    hook = model.large.register_forward_hook(lambda *a: calls.append(1))
+    cached = [s.logits for s in stream(model, ids, mask, SamplingConfig(max_new_tokens=10), model_kwargs=kw)]
+    assert len(calls) == 1  # the large model read the prompt once; decoding ran the small model alone
+    full = [s.logits for s in stream(model, ids, mask, SamplingConfig(max_new_tokens=10), model_kwargs=kw,
+                                     use_cache=False)]
+    hook.remove()
+    for a, b in zip(cached, full):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_small_side_stays_causal():
+    model = LLMModules.from_config(cfg()).eval()
+    open_gates(model)
+    ids = torch.randint(0, 300, (1, 8))
+    memory = torch.randint(0, 96, (1, 4))
+    base = model(ids, memory_ids=memory).logits
+    y = ids.clone()
+    y[0, 6] = (y[0, 6] + 1) % 300
+    assert torch.equal(model(y, memory_ids=memory).logits[:, :6], base[:, :6])
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    model = LLMModules.from_config(cfg()).eval()
+    open_gates(model, 0.3)
+    model.save_pretrained(tmp_path / "c")
+    again = LLMModules.from_pretrained(tmp_path / "c").eval()
+    ids, memory = torch.randint(0, 300, (2, 5)), torch.randint(0, 96, (2, 4))
+    assert torch.equal(model(ids, memory_ids=memory).logits, again(ids, memory_ids=memory).logits)
