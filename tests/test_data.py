@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from llm_modules.config import DataConfig
-from llm_modules.data import (IGNORE_INDEX, STEP_BY_STEP_TASKS, Example, LengthGroupedBatches, build_datasets, collate,
-                              normalize, read_records, solution_text, split_indices, tokenize)
+from llm_modules.reasoning_tasks import STEP_BY_STEP_TASKS, solution_text
+from llm_modules.data import (IGNORE_INDEX, Example, LengthGroupedBatches, build_datasets, collate,
+                              normalize, read_records, split_indices, tokenize)
 from llm_modules.errors import UserError
 from llm_modules.prompts import PAPER_SYSTEM_PROMPT, encode_prompt, render_prompt, resolve_system_prompt
 from llm_modules.vocab import load_tokenizer

@@ -84,7 +84,6 @@ def test_stop_strings_end_generation():
 
 
 def test_incremental_decoder_never_splits_multibyte_characters():
-    from transformers import AutoTokenizer  # noqa: F401  (byte tokenizer comes from llm_modules.vocab)
     from llm_modules.vocab import load_tokenizer
 
     tok = load_tokenizer("byte-level")
