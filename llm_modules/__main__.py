@@ -93,14 +93,13 @@ def cmd_demo(args, extra) -> int:
 
 def cmd_cache_features(args, extra) -> int:
     from . import features
-    from .data import build_datasets
-    from .model import LLMModules, load_model_tokenizer
+    from .model import LLMModules
+    from .train import load_data
 
     cfg = load_config(args.config, parse_overrides(extra))
-    if cfg.coupling != "stream":
-        raise UserError(f"coupling: {cfg.coupling!r} does not read the large model per token; nothing to cache")
-    tokenizer = load_model_tokenizer(cfg)
-    data = build_datasets(cfg.data, tokenizer)
+    if cfg.coupling == "none":
+        raise UserError("coupling: 'none' never runs the large model; there is nothing to cache")
+    data, tokenizer = load_data(cfg)
     found = features.available(cfg, data)
     if found is None:
         found = features.prepare(LLMModules.from_config(cfg, tokenizer=tokenizer), cfg, data)
@@ -129,16 +128,15 @@ def _answer(model, messages, args, out=sys.stdout) -> str:
     """Stream one assistant answer to `out`; returns its text."""
     import torch
 
-    from .generate import IncrementalDecoder, stream
-    from .prompts import encode_prompt, with_system_prompt
+    from .generate import IncrementalDecoder, prompt_batch, stream
 
-    tok, data = model.tokenizer, model.config.data
-    ids = encode_prompt(with_system_prompt(messages, data.system_prompt), data.format, tok)
+    tok = model.tokenizer
+    ids, mask, extra = prompt_batch(model, [messages])
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     decoder, pieces = IncrementalDecoder(tok), []
-    for step in stream(model, torch.tensor([ids]), None, _sampling(args), eos_token_id=tok.eos_token_id,
+    for step in stream(model, ids, mask, _sampling(args), eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, stop=args.stop or (), tokenizer=tok, generator=gen,
-                       use_cache=not args.no_cache):
+                       use_cache=not args.no_cache, model_kwargs=extra):
         if step.finished[0] and int(step.tokens[0]) == tok.eos_token_id:
             break
         piece = decoder.push(int(step.tokens[0]))

@@ -22,7 +22,7 @@ import torch
 
 from .config import DataConfig
 from .errors import UserError
-from .prompts import TemplateRejected, encode_segments, render_training, with_system_prompt
+from .prompts import TemplateRejected, encode_prompt, encode_segments, render_training, with_system_prompt
 from .reasoning_tasks import reasoning_gym_items
 
 IGNORE_INDEX = -100
@@ -42,6 +42,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken; not shifted
     record: Optional[Record] = None  # where it came from (evaluation regenerates answers from its messages)
+    memory_ids: Optional[list[int]] = None  # coupling "prompt": the prompt in the large model's tokenizer
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -272,10 +273,12 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 
 
 def build_datasets(cfg: DataConfig, tokenizer, *, log: Callable[[str], None] = print,
-                   allow_test_derived: bool = False) -> DataBundle:
+                   allow_test_derived: bool = False, memory_tokenizer=None) -> DataBundle:
     """Read, normalize, split (by `cfg.seed`, once) and tokenize; drop examples over `cfg.max_length` tokens.
 
     `allow_test_derived` (or a `cfg.allow_test_derived` field) permits gsm_symbolic / GSM8K test in training.
+    With `memory_tokenizer` (coupling "prompt") each example also carries the prompt in that tokenizer and takes
+    its loss on the final answer only (earlier turns are in the memory).
     """
     allow = allow_test_derived or getattr(cfg, "allow_test_derived", False)
     skipped: list[tuple[str, int, str]] = []
@@ -290,8 +293,8 @@ def build_datasets(cfg: DataConfig, tokenizer, *, log: Callable[[str], None] = p
     else:
         train_idx, val_idx = split_indices(len(records), cfg.val_fraction, cfg.seed)
         train_recs, val_recs = [records[i] for i in train_idx], [records[i] for i in val_idx]
-    train, train_long, longest = _examples(train_recs, tokenizer, cfg, skipped)
-    val, val_long, _ = _examples(val_recs, tokenizer, cfg, skipped)
+    train, train_long, longest = _examples(train_recs, tokenizer, cfg, skipped, memory_tokenizer)
+    val, val_long, _ = _examples(val_recs, tokenizer, cfg, skipped, memory_tokenizer)
     stats = {"records": len(records), "duplicates": duplicates, "malformed": len(skipped), "train": len(train),
              "train_too_long": train_long, "val": len(val), "val_too_long": val_long,
              "longest_train_tokens": longest, "max_length": cfg.max_length,
@@ -343,12 +346,15 @@ def _dedupe(records: list[Record]) -> tuple[list[Record], int]:
     return out, len(records) - len(out)
 
 
-def _examples(records: list[Record], tokenizer, cfg: DataConfig, skipped: list) -> tuple[list[Example], int, int]:
+def _examples(records: list[Record], tokenizer, cfg: DataConfig, skipped: list,
+              memory_tokenizer=None) -> tuple[list[Example], int, int]:
     out, too_long, longest = [], 0, 0
     for r in records:
         try:
             ex = tokenize(r.messages, tokenizer, style=cfg.format, system_prompt=cfg.system_prompt,
                           loss_on=cfg.loss_on)
+            if memory_tokenizer is not None:
+                add_memory(ex, r.messages, tokenizer, memory_tokenizer, cfg)
         except TemplateRejected as e:
             _bad(r.source, r.line, str(e), cfg.skip_bad, skipped)
             continue
@@ -359,6 +365,19 @@ def _examples(records: list[Record], tokenizer, cfg: DataConfig, skipped: list) 
         else:
             out.append(ex)
     return out, too_long, longest
+
+
+def add_memory(ex: Example, messages: list[dict], tokenizer, memory_tokenizer, cfg: DataConfig) -> None:
+    """The prompt coupling's memory: everything before the final answer, in the large model's tokenizer; the loss
+    is kept on that final answer only, since the memory already shows the earlier turns to every position."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = with_system_prompt(messages[:last], cfg.system_prompt) if last else []
+    # A plain text has no prompt: its memory is the single eos token (nothing to read, nothing leaked).
+    ex.memory_ids = (encode_prompt(prompt, cfg.format, memory_tokenizer) if prompt
+                     else [memory_tokenizer.eos_token_id])
+    if last:
+        start = len(encode_prompt(prompt, cfg.format, tokenizer))  # where the final answer begins
+        ex.labels = [IGNORE_INDEX] * start + ex.labels[start:]
 
 
 # ---- batching -----------------------------------------------------------------------------------------------
@@ -372,7 +391,15 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, : len(e)] = torch.tensor(e.input_ids, dtype=torch.long)
         attention_mask[i, : len(e)] = 1
         labels[i, : len(e)] = torch.tensor(e.labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if examples[0].memory_ids is not None:  # coupling "prompt": the prompts in the large tokenizer, right-padded
+        M = max(len(e.memory_ids) for e in examples)
+        out["memory_ids"] = torch.zeros((B, M), dtype=torch.long)  # id 0: any vocabulary has it; masked anyway
+        out["memory_mask"] = torch.zeros((B, M), dtype=torch.long)
+        for i, e in enumerate(examples):
+            out["memory_ids"][i, : len(e.memory_ids)] = torch.tensor(e.memory_ids, dtype=torch.long)
+            out["memory_mask"][i, : len(e.memory_ids)] = 1
+    return out
 
 
 class LengthGroupedBatches:

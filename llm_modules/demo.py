@@ -15,7 +15,7 @@ from .config import LLMModulesConfig
 from .evaluate import answer_accuracy, heldout_loss
 from .model import LLMModules
 from .plots import plot_metrics
-from .train import train
+from .train import load_data, train
 
 
 def arms(cfg: LLMModulesConfig, out: Path) -> dict[str, LLMModulesConfig]:
@@ -36,10 +36,8 @@ def run_demo(cfg: LLMModulesConfig, out: Path, *, eval_examples: int = 24, max_n
         best = Path(arm.train.output_dir) / "best"
         log(f"=== {name}: evaluating {best} ===")
         model = LLMModules.from_pretrained(best).eval()
-        if data is None:
-            from .data import build_datasets
-
-            data = build_datasets(cfg.data, model.tokenizer, log=lambda *a: None)
+        if data is None or arm.coupling == "prompt":
+            data, _ = load_data(arm, model, log=lambda *a: None)
         loss = heldout_loss(model, data.val)
         rows = answer_accuracy(model, data.val[:eval_examples], max_new_tokens=max_new_tokens)
         results[name] = {"val_loss": loss.loss, "perplexity": loss.perplexity, "val_tokens": loss.tokens,

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Example, collate
-from .prompts import encode_prompt, with_system_prompt
+from .generate import prompt_batch
 
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
 
@@ -89,19 +89,14 @@ def answer_accuracy(model, examples: list[Example], *, max_new_tokens: int = 128
                     stop: tuple[str, ...] = ()) -> list[dict]:
     """Greedy answers to held-out prompts (formatted as in training), one dict per example with the verdict."""
     model.eval()
-    tok, data = model.tokenizer, model.config.data
+    tok = model.tokenizer
     rows = []
     usable = [e for e in examples if e.record is not None and len(e.record.messages) > 1]
     for start in tqdm(range(0, len(usable), batch_size), desc="answers", leave=False):
         chunk = usable[start:start + batch_size]
         prompts = [_prompt_and_gold(e) for e in chunk]
-        ids = [encode_prompt(with_system_prompt(p, data.system_prompt), data.format, tok) for p, _ in prompts]
-        T = max(map(len, ids))
-        input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for b, row in enumerate(ids):  # left padding, so every row's next token comes at the same step
-            input_ids[b, T - len(row):], mask[b, T - len(row):] = torch.tensor(row), 1
-        new = model.generate(input_ids, mask, max_new_tokens=max_new_tokens, stop=list(stop))
+        input_ids, mask, extra = prompt_batch(model, [p for p, _ in prompts])
+        new = model.generate(input_ids, mask, max_new_tokens=max_new_tokens, stop=list(stop), model_kwargs=extra)
         for (messages, gold), out in zip(prompts, new):
             text = tok.decode([t for t in out.tolist() if t != tok.pad_token_id], skip_special_tokens=True)
             pred = extract_answer(text)

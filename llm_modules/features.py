@@ -45,11 +45,17 @@ def model_identity(cfg) -> dict:
     return ident
 
 
+def large_ids(example) -> list[int]:
+    """What the large model reads: the whole sequence (stream coupling) or the prompt memory (prompt coupling)."""
+    return example.memory_ids if example.memory_ids is not None else example.input_ids
+
+
 def fingerprint(cfg, examples, storage: str) -> str:
     h = hashlib.sha256(json.dumps({**model_identity(cfg), "storage": storage}, sort_keys=True).encode())
     for e in examples:
-        h.update(len(e.input_ids).to_bytes(4, "little"))
-        h.update(torch.tensor(e.input_ids, dtype=torch.int64).numpy().tobytes())
+        ids = large_ids(e)
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()[:20]
 
 
@@ -116,7 +122,7 @@ def build_split(model, cfg, examples, split: str, *, batch_tokens: int = 4096, l
         raise UserError("the feature cache is incomplete and the large model is not loaded; build it first "
                         "with `llm-modules cache-features --config ...`")
     width = model.bridge.pre_proj.in_features
-    tokens = sum(len(e.input_ids) for e in examples)
+    tokens = sum(len(large_ids(e)) for e in examples)
     need = tokens * width * DTYPES[storage].itemsize
     d.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(d).free
@@ -128,7 +134,7 @@ def build_split(model, cfg, examples, split: str, *, batch_tokens: int = 4096, l
     n_shards = (len(examples) + SHARD_EXAMPLES - 1) // SHARD_EXAMPLES
     done = [s for s in range(n_shards) if (d / f"shard-{s:05d}.safetensors").is_file()]
     bar = tqdm(total=tokens, unit="tok", desc=f"large model -> cache ({split})", dynamic_ncols=True)
-    bar.update(sum(len(e.input_ids) for s in done for e in examples[s * SHARD_EXAMPLES:(s + 1) * SHARD_EXAMPLES]))
+    bar.update(sum(len(large_ids(e)) for s in done for e in examples[s * SHARD_EXAMPLES:(s + 1) * SHARD_EXAMPLES]))
     for s in range(n_shards):
         if s in done:
             continue
@@ -145,14 +151,15 @@ def build_split(model, cfg, examples, split: str, *, batch_tokens: int = 4096, l
 def _compute(model, examples, first: int, batch_tokens: int, dtype, bar) -> dict[str, torch.Tensor]:
     from .model import positions_from_mask
 
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    seqs = [large_ids(e) for e in examples]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out: dict[str, torch.Tensor] = {}
     i = 0
     while i < len(order):
-        T = len(examples[order[i]].input_ids)
+        T = len(seqs[order[i]])
         group = [order[i]]
         while i + len(group) < len(order):  # grow the batch while its padded size stays under batch_tokens
-            T_next = len(examples[order[i + len(group)]].input_ids)
+            T_next = len(seqs[order[i + len(group)]])
             if T_next * (len(group) + 1) > batch_tokens:
                 break
             group.append(order[i + len(group)])
@@ -160,11 +167,11 @@ def _compute(model, examples, first: int, batch_tokens: int, dtype, bar) -> dict
         ids = torch.zeros(len(group), T, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for b, j in enumerate(group):
-            n = len(examples[j].input_ids)
-            ids[b, :n], mask[b, :n] = torch.tensor(examples[j].input_ids), 1
+            n = len(seqs[j])
+            ids[b, :n], mask[b, :n] = torch.tensor(seqs[j]), 1
         states = model.source_states(ids, mask, positions_from_mask(mask))  # (B, T, D_L)
         for b, j in enumerate(group):
-            n = len(examples[j].input_ids)
+            n = len(seqs[j])
             out[str(first + j)] = states[b, :n].to(dtype).clone()
             bar.update(n)
         i += len(group)

@@ -93,3 +93,36 @@ def test_save_and_load_roundtrip(tmp_path):
     again = LLMModules.from_pretrained(tmp_path / "c").eval()
     ids, memory = torch.randint(0, 300, (2, 5)), torch.randint(0, 96, (2, 4))
     assert torch.equal(model(ids, memory_ids=memory).logits, again(ids, memory_ids=memory).logits)
+
+
+def test_memory_and_labels_of_prompt_coupling_examples():
+    from llm_modules.data import build_datasets
+    from llm_modules.prompts import encode_prompt, with_system_prompt
+    from llm_modules.vocab import load_tokenizer
+
+    c = LLMModulesConfig.from_yaml("configs/tiny-prompt.yaml")
+    tok = load_tokenizer("byte-level")
+    data = build_datasets(c.data, tok, log=lambda *a: None, memory_tokenizer=tok)
+    for ex in data.train[:10]:
+        messages = ex.record.messages
+        prompt = with_system_prompt(messages[:-1], c.data.system_prompt)
+        assert ex.memory_ids == encode_prompt(prompt, c.data.format, tok)
+        start = len(encode_prompt(prompt, c.data.format, tok))
+        assert all(x == -100 for x in ex.labels[:start])
+        answer = tok.decode([x for x in ex.labels if x != -100])
+        assert answer == messages[-1]["content"] + tok.eos_token
+
+
+def test_trains_through_the_cli_with_and_without_the_feature_cache(tmp_path):
+    from llm_modules.__main__ import main
+
+    args = ["train", "--config", "configs/tiny-prompt.yaml", "--max-steps", "3", "--train.eval_every", "3"]
+    assert main(args + ["--output-dir", str(tmp_path / "live")]) == 0
+    assert main(args + ["--output-dir", str(tmp_path / "cached"), "--train.feature_cache", "auto",
+                        "--train.feature_cache_dir", str(tmp_path / "fc")]) == 0
+    import json
+
+    last = lambda d: json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1])  # noqa: E731
+    assert abs(last("live")["val_loss"] - last("cached")["val_loss"]) < 1e-2
+    assert main(["generate", "--checkpoint", str(tmp_path / "live"), "--prompt", "What is 1 + 1?",
+                 "--max-new-tokens", "4"]) == 0
