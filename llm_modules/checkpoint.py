@@ -104,6 +104,7 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
 STATE_NAME = "training_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng.safetensors"
+STATE_KEYS = ("progress", "optimizer_param_groups", "scheduler", "python_random")  # what read_training_checkpoint reads
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], list]:
@@ -172,7 +173,10 @@ def _verify(directory: Path) -> None:
     """Cheap integrity check: JSON parses and every safetensors file's header and size are consistent."""
     from safetensors import safe_open
 
-    json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
+    state = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{STATE_NAME} lacks {', '.join(missing)}")
     for name in (WEIGHTS_NAME, OPTIMIZER_NAME, RNG_NAME):
         with safe_open(str(directory / name), framework="pt") as f:
             for k in f.keys():
@@ -205,6 +209,12 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines written after `step` (by a run that died before its next checkpoint)."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    def step_of(line: str) -> Optional[int]:
+        try:
+            return json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            return None  # a line cut short by a crash or a full disk: dropped
+
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    kept = [ln for ln in lines if (s := step_of(ln)) is not None and s <= step]
     atomic_write_text(path, "".join(ln + "\n" for ln in kept))

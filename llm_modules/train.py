@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from .config import LLMModulesConfig
 from .data import DataBundle, LengthGroupedBatches, build_datasets, collate
 from .errors import UserError
 from . import features as features_mod
-from .model import LLMModules, load_model_tokenizer
+from .model import LLMModules, load_model_tokenizer, load_small_tokenizer
 
 
 @dataclass
@@ -76,10 +77,7 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
         log = lambda *a, **k: None  # noqa: E731  (one rank speaks)
     _check_writable(out)
     seed_everything(t.seed)
-    tokenizer = model.tokenizer if model is not None else load_model_tokenizer(cfg)
-    if tokenizer is None:
-        raise UserError("training needs a tokenizer: set `tokenizer` (e.g. byte-level) or name the large model")
-    data = build_datasets(cfg.data, tokenizer, log=log)
+    data, tokenizer = load_data(cfg, model, log=log)
     model, features = build_model_and_features(cfg, data, tokenizer, model, log)
     if data.skipped:
         ckpt.atomic_write_text(out / "skipped_records.jsonl",
@@ -105,10 +103,22 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     return run
 
 
+def load_data(cfg: LLMModulesConfig, model: Optional[LLMModules] = None, log=print) -> tuple[DataBundle, object]:
+    """The tokenized data and the large model's tokenizer (coupling "prompt": the text in the small model's
+    tokenizer, the prompt memory in the large one's)."""
+    tokenizer = model.large_tokenizer if model is not None else load_model_tokenizer(cfg)
+    if tokenizer is None:
+        raise UserError("training needs a tokenizer: set `tokenizer` (e.g. byte-level) or name the large model")
+    if cfg.coupling == "prompt":
+        text_tok = model.tokenizer if model is not None else load_small_tokenizer(cfg)
+        return build_datasets(cfg.data, text_tok, log=log, memory_tokenizer=tokenizer), tokenizer
+    return build_datasets(cfg.data, tokenizer, log=log), tokenizer
+
+
 def build_model_and_features(cfg, data, tokenizer, model, log):
     """With train.feature_cache: auto, the large model runs once to fill the cache (or not at all if the cache is
     complete) and is then released: training reads its states from disk."""
-    if cfg.train.feature_cache != "auto" or cfg.coupling != "stream":
+    if cfg.train.feature_cache != "auto" or cfg.coupling == "none":
         return model or LLMModules.from_config(cfg, tokenizer=tokenizer), None
     found = features_mod.available(cfg, data)
     if found is not None:
@@ -138,7 +148,6 @@ def seed_everything(seed: int) -> None:
 # ---- the loop -------------------------------------------------------------------------------------------------
 def micro_batches(run: Run) -> Iterator[tuple[int, int, list[int]]]:
     """(epoch, index of the global batch in its epoch, this rank's example indices), from the saved position."""
-    rank, B = run.accelerator.process_index, run.cfg.train.batch_size
     epoch, start = run.progress.epoch, run.progress.batch_in_epoch
     while epoch < run.cfg.train.epochs:
         for i, global_batch in enumerate(run.batches.iter_from(epoch, start), start=start):
@@ -206,7 +215,11 @@ def train_step(run: Run, global_batches: list[list[int]], pad: int) -> tuple[Opt
         with acc.accumulate(run.model):
             loss_sum = _loss_sum(run, "train", mine or indices[:1], pad) * weight
             # accelerate divides by grad_accum and DDP averages over ranks: undo both to get sum / n_step.
-            acc.backward(loss_sum / max(1, n_step) * world * t.grad_accum)
+            try:
+                acc.backward(loss_sum / max(1, n_step) * world * t.grad_accum)
+            except torch.OutOfMemoryError:
+                lengths = [len(run.data.train[i]) for i in mine or indices[:1]]
+                raise _out_of_memory(len(lengths), max(lengths)) from None
             total += float(loss_sum.detach())
             if acc.sync_gradients:
                 total = float(acc.reduce(torch.tensor(total), reduction="sum")) / max(1, n_step)
@@ -229,17 +242,22 @@ def _targets(example) -> int:
 def _loss_sum(run: Run, split: str, indices: list[int], pad: int) -> torch.Tensor:
     """Summed next-token loss of examples `indices` of `split` (source states from the cache when there is one)."""
     dev = run.accelerator.device
-    batch = collate([getattr(run.data, split)[i] for i in indices], pad)
+    batch = {k: v.to(dev) for k, v in collate([getattr(run.data, split)[i] for i in indices], pad).items()}
+    memory = {k: batch[k] for k in ("memory_ids", "memory_mask") if k in batch}
     source = None
-    if run.features is not None:
-        source = run.features[split].batch(indices, batch["input_ids"].shape[1]).to(dev)
+    if run.features is not None:  # states of the whole sequence (stream) or of the prompt memory (prompt)
+        length = (batch["memory_ids"] if memory else batch["input_ids"]).shape[1]
+        source = run.features[split].batch(indices, length).to(dev)
     try:
-        return run.model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["labels"].to(dev),
-                         source_states=source, return_logits=False).loss_sum
+        return run.model(batch["input_ids"], batch["attention_mask"], batch["labels"], source_states=source,
+                         return_logits=False, **memory).loss_sum
     except torch.OutOfMemoryError:
-        B, T = batch["input_ids"].shape
-        raise UserError(f"out of memory on a batch of {B} sequences of {T} tokens; lower train.batch_size, "
-                        "data.max_length, or enable small.gradient_checkpointing") from None
+        raise _out_of_memory(*batch["input_ids"].shape) from None
+
+
+def _out_of_memory(B: int, T: int) -> UserError:
+    return UserError(f"out of memory on a batch of {B} sequences of {T} tokens; lower train.batch_size, "
+                     "data.max_length, or enable small.gradient_checkpointing")
 
 
 def _nonfinite(run: Run, loss: float) -> None:
@@ -287,17 +305,31 @@ def save_checkpoint(run: Run, best: bool) -> None:
     root = run.out / "checkpoints"
     final = root / f"step-{run.progress.step:08d}"
     tmp = root / f".step-{run.progress.step:08d}.tmp"
-    ckpt.write_training_checkpoint(tmp, run.unwrapped, run.optimizer, run.scheduler, run.accelerator,
-                                   run.progress.__dict__)
-    ckpt.replace_dir(tmp, final)
-    ckpt.prune_checkpoints(root, keep=2)
-    if best:
+    if best:  # before the step is published: a run killed in between redoes the step and writes best/ again
         run.unwrapped.save_pretrained(run.out / "best")
+    try:
+        ckpt.write_training_checkpoint(tmp, run.unwrapped, run.optimizer, run.scheduler, run.accelerator,
+                                       run.progress.__dict__)
+        ckpt.replace_dir(tmp, final)
+    except (OSError, UserError) as e:  # a full disk, a vanished directory ...
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = e.__context__ if isinstance(e, UserError) else e  # atomic_write's UserError wraps the OSError
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e)
+        intact = ckpt.latest_training_checkpoint(root, log=lambda *a: None)
+        raise UserError(f"could not save the checkpoint of step {run.progress.step} in {root} ({reason}); "
+                        + (f"{intact.name} is intact: free some space and run the same command again to resume "
+                           "from it" if intact else "there is no earlier checkpoint")) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ckpt.prune_checkpoints(root, keep=2)
 
 
 def restore_latest(run: Run) -> None:
     found = ckpt.latest_training_checkpoint(run.out / "checkpoints", log=run.log)
     if found is None:
+        if run.accelerator.is_main_process:  # lines of a run killed before its first checkpoint: it starts over
+            (run.out / "metrics.jsonl").unlink(missing_ok=True)
         return
     state = ckpt.read_training_checkpoint(found, run.unwrapped, run.optimizer, run.scheduler, run.accelerator)
     run.progress = Progress(**state)
@@ -309,8 +341,12 @@ def log_metrics(run: Run, record: dict) -> None:
     if run.cfg.train.tensorboard:
         run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
     if run.accelerator.is_main_process:
-        with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot append to {run.out / 'metrics.jsonl'} ({e.strerror or e}); the last checkpoint "
+                            "is intact: free some space and run the same command again to resume") from None
 
 
 def plot_losses(run: Run) -> None:
