@@ -20,9 +20,9 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
     out, i = [], 0
     while i < len(pairs):
         key = pairs[i]
-        if not key.startswith("--") or "." not in key:
+        if not key.startswith("--") or len(key) < 3:
             raise UserError(f"unrecognized argument {key!r}; overrides look like --section.key VALUE "
-                            "(e.g. --train.lr_bridge 1e-4)")
+                            "(e.g. --train.lr_bridge 1e-4) or --key VALUE for a top-level key (e.g. --coupling none)")
         if "=" in key:
             key, raw = key.split("=", 1)
             i += 1
@@ -80,6 +80,46 @@ def cmd_train(args, extra) -> int:
     if args.skip_bad:
         cfg = cfg.replace(data={"skip_bad": True})
     train(cfg, resume=not args.no_resume)
+    return 0
+
+
+def cmd_experiment(args, extra) -> int:
+    from .experiment import ARMS, run_experiment
+
+    cfg = load_config(args.config, parse_overrides(extra))
+    arms = args.arms.split(",") if args.arms else list(ARMS)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise UserError(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    run_experiment(cfg, Path(args.output_dir), budget=args.budget, arms=arms, eval_examples=args.eval_examples,
+                   max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def cmd_eval(args, extra) -> int:
+    import json
+
+    from .checkpoint import atomic_write_text
+    from .evaluate import answer_accuracy, heldout_loss
+    from .model import LLMModules
+    from .train import load_data
+
+    model = LLMModules.from_pretrained(resolve_checkpoint(args.checkpoint)).eval()
+    cfg = model.config
+    if args.data:  # evaluate every record of this file / dataset (nothing is split off)
+        cfg = cfg.replace(data={"path": args.data, "reasoning_gym_tasks": [], "val_path": args.data,
+                                "hub_split": args.split, "max_examples": args.max_examples})
+    data, _ = load_data(cfg, model, log=lambda *a: None)
+    examples = data.val if data.val else data.train
+    examples = examples[: args.max_examples] if args.max_examples else examples
+    loss = heldout_loss(model, examples)
+    rows = answer_accuracy(model, examples, max_new_tokens=args.max_new_tokens) if args.max_new_tokens else []
+    if args.out:
+        atomic_write_text(Path(args.out), "".join(json.dumps(r) + "\n" for r in rows))
+    correct = sum(r["correct"] for r in rows)
+    print("| examples | target tokens | loss (nats/token) | perplexity | exact match |\n|---|---|---|---|---|")
+    print(f"| {len(examples)} | {loss.tokens} | {loss.loss:.4f} | {loss.perplexity:.2f} | "
+          f"{correct}/{len(rows)}{f' ({correct / len(rows):.1%})' if rows else ''} |")
     return 0
 
 
@@ -223,6 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records (listed in the output dir)")
     p.add_argument("--skip-nonfinite", type=int, help="tolerate up to N steps with a non-finite loss")
     p.set_defaults(func=cmd_train, extra_ok=True)
+
+    p = sub.add_parser("eval", help="held-out loss / perplexity and exact-match accuracy of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="a file or dataset id to evaluate (default: the checkpoint's own held-out split)")
+    p.add_argument("--split", default="test", help="hub split when --data is a dataset id")
+    p.add_argument("--max-examples", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="0 = loss only")
+    p.add_argument("--out", help="JSONL: one line per example with prompt, output, answer, gold, verdict")
+    p.set_defaults(func=cmd_eval, extra_ok=True)
+
+    p = sub.add_parser("experiment", help="the paper's claims and next steps as arms trained alike")
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--budget", type=int, help="optimizer steps per arm (default: the config's epochs)")
+    p.add_argument("--arms", help="comma-separated subset (default: all)")
+    p.add_argument("--output-dir", default="runs/experiment")
+    p.add_argument("--eval-examples", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.set_defaults(func=cmd_experiment, extra_ok=True)
 
     p = sub.add_parser("demo", help="the main job end to end: combined vs small alone on real weights")
     p.add_argument("--config", default="configs/default.yaml")

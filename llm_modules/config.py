@@ -156,6 +156,10 @@ class TrainConfig:
     tensorboard: bool = False
     skip_nonfinite: int = 0
     num_threads: Optional[int] = None
+    # Distillation (the baseline arm): weight w of the KL to the large model's own next-token distribution,
+    # loss = (1 - w) * CE + w * T^2 * KL; the teacher's states come from the feature cache. 0 = off.
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
 
     def problems(self, where: str) -> list[str]:
         out = []
@@ -164,6 +168,10 @@ class TrainConfig:
                 out.append(f"{where}.{name}: {getattr(self, name)} must be >= 1")
         if self.max_steps is not None and self.max_steps < 0:
             out.append(f"{where}.max_steps: {self.max_steps} must be >= 0")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            out.append(f"{where}.distill_weight: {self.distill_weight} must be in [0, 1]")
+        if self.distill_temperature <= 0:
+            out.append(f"{where}.distill_temperature: {self.distill_temperature} must be > 0")
         for name in ("lr_bridge", "lr_small", "weight_decay", "max_grad_norm", "warmup_steps", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 out.append(f"{where}.{name}: {getattr(self, name)} must be >= 0")

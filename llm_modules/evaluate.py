@@ -70,8 +70,9 @@ def heldout_loss(model, examples: list[Example], *, batch_size: int = 8, feature
         idx = list(range(start, min(start + batch_size, len(examples))))
         batch = collate([examples[i] for i in idx], pad)
         source = features.batch(idx, batch["input_ids"].shape[1]) if features is not None else None
+        memory = {k: batch[k] for k in ("memory_ids", "memory_mask") if k in batch}  # coupling "prompt"
         out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], source_states=source,
-                    return_logits=False)
+                    return_logits=False, **memory)
         total += float(out.loss_sum)
         count += out.num_targets
     loss = total / max(1, count)

@@ -43,6 +43,7 @@ class LLMModulesOutput:
     cache: Optional[LLMModulesCache] = None
     loss_sum: Optional[torch.Tensor] = None  # summed over target tokens (token-weighted averaging across batches)
     num_targets: int = 0
+    target_logits: Optional[torch.Tensor] = None  # (N, V) at the N labelled positions (return_logits=False)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -221,7 +222,7 @@ class LLMModules(nn.Module):
             loss_sum = F.cross_entropy(logits_t.float(), targets[keep], reduction="sum")
             n = int(keep.sum())
             return LLMModulesOutput(logits=None, loss=loss_sum / max(n, 1), cache=cache, loss_sum=loss_sum,
-                                    num_targets=n)
+                                    num_targets=n, target_logits=logits_t)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return LLMModulesOutput(logits=logits, loss=loss, cache=cache)

@@ -53,6 +53,7 @@ class Run:
     data: DataBundle
     batches: LengthGroupedBatches
     features: Optional[dict] = None  # split -> features.SplitFeatures when training from the feature cache
+    teacher_head: Optional[torch.Tensor] = None  # (V_large, D_L), distillation only
     progress: Progress = field(default_factory=Progress)
     max_steps: int = 0
     log: object = print
@@ -94,6 +95,10 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     model, optimizer = accelerator.prepare(model, optimizer)
     run = Run(cfg, out, accelerator, model, optimizer, scheduler, data, batches, features, max_steps=max_steps,
               log=log)
+    if t.distill_weight > 0:
+        from .distill import load_teacher_head
+
+        run.teacher_head = load_teacher_head(cfg).to(accelerator.device)
     if t.tensorboard:
         accelerator.init_trackers("llm-modules")
     if resume:
@@ -118,12 +123,19 @@ def load_data(cfg: LLMModulesConfig, model: Optional[LLMModules] = None, log=pri
 def build_model_and_features(cfg, data, tokenizer, model, log):
     """With train.feature_cache: auto, the large model runs once to fill the cache (or not at all if the cache is
     complete) and is then released: training reads its states from disk."""
-    if cfg.train.feature_cache != "auto" or cfg.coupling == "none":
+    distill = cfg.train.distill_weight > 0  # the teacher reads the cached states of the whole sequence
+    if distill and cfg.coupling == "prompt":
+        raise UserError("train.distill_weight: distillation is the small-alone baseline (coupling: none or stream)")
+    if not distill and (cfg.train.feature_cache != "auto" or cfg.coupling == "none"):
         return model or LLMModules.from_config(cfg, tokenizer=tokenizer), None
     found = features_mod.available(cfg, data)
     if found is not None:
         log("feature cache complete: the large model is not loaded")
         return model or LLMModules.from_config(cfg, tokenizer=tokenizer, load_large=False), found
+    if cfg.coupling == "none":  # the baseline never holds the large model: a stream model fills the cache
+        found = features_mod.prepare(LLMModules.from_config(cfg.replace(coupling="stream"), tokenizer=tokenizer),
+                                     cfg, data, log=log)
+        return model or LLMModules.from_config(cfg, tokenizer=tokenizer), found
     model = model or LLMModules.from_config(cfg, tokenizer=tokenizer)
     found = features_mod.prepare(model, cfg, data, log=log)
     model.large = None  # frees its memory; nothing reads it from here on
@@ -213,7 +225,7 @@ def train_step(run: Run, global_batches: list[list[int]], pad: int) -> tuple[Opt
         # A short last batch may leave this rank nothing; it still joins the backward (DDP) with zero weight.
         weight = 1.0 if mine else 0.0
         with acc.accumulate(run.model):
-            loss_sum = _loss_sum(run, "train", mine or indices[:1], pad) * weight
+            loss_sum = _loss_sum(run, "train", mine or indices[:1], pad, distill=True) * weight
             # accelerate divides by grad_accum and DDP averages over ranks: undo both to get sum / n_step.
             try:
                 acc.backward(loss_sum / max(1, n_step) * world * t.grad_accum)
@@ -239,8 +251,10 @@ def _targets(example) -> int:
     return sum(1 for x in example.labels[1:] if x != -100)
 
 
-def _loss_sum(run: Run, split: str, indices: list[int], pad: int) -> torch.Tensor:
-    """Summed next-token loss of examples `indices` of `split` (source states from the cache when there is one)."""
+def _loss_sum(run: Run, split: str, indices: list[int], pad: int, distill: bool = False) -> torch.Tensor:
+    """Summed next-token loss of examples `indices` of `split` (source states from the cache when there is one);
+    distill=True mixes in the KL to the teacher when distillation is configured (training only: validation
+    loss stays plain cross-entropy, comparable across arms)."""
     dev = run.accelerator.device
     batch = {k: v.to(dev) for k, v in collate([getattr(run.data, split)[i] for i in indices], pad).items()}
     memory = {k: batch[k] for k in ("memory_ids", "memory_mask") if k in batch}
@@ -249,8 +263,15 @@ def _loss_sum(run: Run, split: str, indices: list[int], pad: int) -> torch.Tenso
         length = (batch["memory_ids"] if memory else batch["input_ids"]).shape[1]
         source = run.features[split].batch(indices, length).to(dev)
     try:
-        return run.model(batch["input_ids"], batch["attention_mask"], batch["labels"], source_states=source,
-                         return_logits=False, **memory).loss_sum
+        out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                        source_states=source if run.cfg.coupling != "none" else None, return_logits=False, **memory)
+        if not (distill and run.teacher_head is not None):
+            return out.loss_sum
+        from .distill import kd_loss_sum, target_states
+
+        w, T = run.cfg.train.distill_weight, run.cfg.train.distill_temperature
+        kd = kd_loss_sum(out.target_logits, target_states(source, batch["labels"]), run.teacher_head, T)
+        return (1 - w) * out.loss_sum + w * kd
     except torch.OutOfMemoryError:
         raise _out_of_memory(*batch["input_ids"].shape) from None
 

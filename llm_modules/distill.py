@@ -1,0 +1,62 @@
+"""The distillation baseline: the small model alone trained on the large model's next-token distributions.
+
+Loss per target token: (1 - w) * CE(label) + w * T^2 * KL(p_teacher,T || p_student,T), forward KL over the shared
+vocabulary (the student predicts the large tokenizer's vocabulary, so no alignment is needed). The teacher's
+logits are its own LM head over its final hidden states; those states come from the frozen-feature cache (the same
+one the combined model trains from), so the teacher's 0.5B-1.5B body never runs during training. Only its head
+matrix is loaded, read straight from the checkpoint file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from .errors import UserError
+
+
+def load_teacher_head(cfg) -> torch.Tensor:
+    """(V_large, D_L) weight of the large model's own LM head (its tied embeddings when the head is tied)."""
+    from .backbones import load_backbone, resolve_path
+    from .model import INLINE_LARGE_SEED
+
+    if cfg.large.layer != -1:
+        raise UserError("train.distill_weight needs large.layer: -1 (the teacher's head reads its last hidden state)")
+    if cfg.large.name_or_path is None:  # an inline random large model: rebuild it (tiny) to read its head
+        from transformers import AutoModelForCausalLM
+
+        from .backbones import load_config, seeded
+
+        with seeded(INLINE_LARGE_SEED):
+            full = AutoModelForCausalLM.from_config(load_config(cfg.large, "large"))
+        base = load_backbone(cfg.large, pretrained=True, seed=INLINE_LARGE_SEED, where="large")
+        full.base_model.load_state_dict(base.state_dict())  # the same body the combined model sees
+        return full.get_output_embeddings().weight.detach().float()
+    d = Path(resolve_path(cfg.large))
+    files = sorted(d.glob("*.safetensors")) if d.is_dir() else []
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight"):
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                if name in h.keys():
+                    return h.get_tensor(name).float()
+    raise UserError(f"large.name_or_path {cfg.large.name_or_path}: no LM head weights found in safetensors files "
+                    "(distillation reads the teacher's head from a local checkpoint directory)")
+
+
+def kd_loss_sum(student_logits: torch.Tensor, teacher_states: torch.Tensor, head: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """Summed T^2 * KL(teacher || student) over N positions: student_logits (N, V), teacher_states (N, D_L)."""
+    V = student_logits.shape[-1]
+    with torch.no_grad():
+        teacher = (teacher_states.float() @ head[:V].T) / temperature  # (N, V): tokens the tokenizer can emit
+        p_t = F.log_softmax(teacher, dim=-1)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return F.kl_div(log_p_s, p_t, log_target=True, reduction="sum") * temperature**2
+
+
+def target_states(states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) -> (N, D) at the positions where a (shifted) label is taken, matching target_logits' order."""
+    keep = labels[:, 1:] != -100
+    return states[:, :-1][keep]
