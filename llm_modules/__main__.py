@@ -104,6 +104,14 @@ def cmd_eval(args, extra) -> int:
     from .model import LLMModules
     from .train import load_data
 
+    if args.harness_tasks:  # lm-evaluation-harness tasks (hellaswag, arc_easy, gsm8k, ... or local YAML tasks)
+        from lm_eval.utils import make_table
+
+        from .harness import evaluate_harness
+
+        print(make_table(evaluate_harness(args.checkpoint, args.harness_tasks, limit=args.max_examples,
+                                          include_path=args.include_path, num_fewshot=args.num_fewshot)))
+        return 0
     model = LLMModules.from_pretrained(resolve_checkpoint(args.checkpoint)).eval()
     cfg = model.config
     if args.data:  # evaluate every record of this file / dataset (nothing is split off)
@@ -271,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int)
     p.add_argument("--max-new-tokens", type=int, default=256, help="0 = loss only")
     p.add_argument("--out", help="JSONL: one line per example with prompt, output, answer, gold, verdict")
+    p.add_argument("--harness-tasks", help="run lm-evaluation-harness tasks instead (e.g. hellaswag,arc_easy,gsm8k)")
+    p.add_argument("--include-path", help="a folder of extra lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int)
     p.set_defaults(func=cmd_eval, extra_ok=True)
 
     p = sub.add_parser("experiment", help="the paper's claims and next steps as arms trained alike")
