@@ -121,7 +121,7 @@ class LLMModules(nn.Module):
             model = cls(config.replace(vocab_size=vocab_size), large, small, vocab_size, out_tokenizer, large_config)
         model.large_tokenizer = tokenizer
         if config.small.gradient_checkpointing:
-            model.small.gradient_checkpointing_enable()
+            model.small.activation_checkpointing_enable()
         return model
 
     def train(self, mode: bool = True) -> "LLMModules":

@@ -219,3 +219,15 @@ def test_loss_without_full_logits_equals_the_full_loss():
     assert lean.logits is None and lean.num_targets == int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(lean.loss, full.loss, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lean.loss_sum, full.loss * lean.num_targets, atol=1e-5, rtol=1e-6)
+
+
+def test_gradient_checkpointing_of_the_small_model_gives_the_same_gradients():
+    plain = build()
+    ckpt = LLMModules.from_config(tiny_config().replace(small={"gradient_checkpointing": True}))
+    x = torch.randint(0, 96, (2, 8))
+    for m in (plain, ckpt):
+        m.train()
+        m(x, labels=x).loss.backward()
+    assert ckpt.small.is_activation_checkpointing and not plain.small.is_activation_checkpointing
+    for (n, p), (_, q) in zip(plain.trainable_named_parameters(), ckpt.trainable_named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
