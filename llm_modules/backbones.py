@@ -10,6 +10,7 @@ import contextlib
 from typing import Iterator, Optional
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -78,8 +79,14 @@ def load_backbone(
                 model = auto.from_pretrained(
                     resolve_path(spec), revision=spec.revision, gguf_file=spec.gguf_file, dtype=dtype, **spec.overrides
                 )
-        except (OSError, ValueError) as e:
-            raise UserError(f"{where}.name_or_path: cannot load weights from {spec.name_or_path!r}: {e}") from None
+        except (OSError, ValueError, SafetensorError) as e:
+            hint = ""
+            from .weights import WEIGHTS
+
+            if spec.name_or_path in WEIGHTS:
+                hint = (f"; the converted cache {resolve_path(spec)} is damaged: delete that directory and run "
+                        f"`llm-modules weights fetch {spec.name_or_path}`")
+            raise UserError(f"{where}.name_or_path: cannot load weights from {spec.name_or_path!r}: {e}{hint}") from None
     else:
         config = load_config(spec, where)
         with seeded(seed):

@@ -90,7 +90,14 @@ def stream(
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     B, T = input_ids.shape
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    model.check_length(int(mask.sum(-1).max()) + sampling.max_new_tokens)
+    prompt_len = int(mask.sum(-1).max())
+    model.check_length(prompt_len)
+    try:
+        model.check_length(prompt_len + sampling.max_new_tokens)
+    except UserError as e:
+        limit = str(e).split("exceeds ")[-1].split(";")[0]
+        raise UserError(f"a prompt of {prompt_len} tokens + --max-new-tokens {sampling.max_new_tokens} exceeds "
+                        f"{limit}; shorten the prompt or lower --max-new-tokens") from None
     procs = sampling.processors()
     ids, finished = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new: list[list[int]] = [[] for _ in range(B)]

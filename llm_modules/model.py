@@ -264,8 +264,8 @@ class LLMModules(nn.Module):
         for role, limit in self.position_limits.items():
             if limit is not None and length > limit:
                 raise UserError(
-                    f"sequence of {length} tokens exceeds the {role} model's {limit} learned positions; shorten the "
-                    f"input (data.max_length) or choose a {role} model with rotary positions"
+                    f"sequence of {length} tokens exceeds the {role} model's {limit} learned positions; shorten it "
+                    f"(in training: data.max_length) or choose a {role} model with rotary positions"
                 )
 
     # ---- save / load ---------------------------------------------------------------------------------------

@@ -170,10 +170,23 @@ def micro_batches(run: Run) -> Iterator[tuple[int, int, list[int]]]:
 def fit(run: Run, stop_at: Optional[int] = None) -> Progress:
     """Train until max_steps (or early stopping); `stop_at` ends the process-side loop sooner, as an interruption
     would, leaving a checkpoint at that step (used to test exact resume)."""
-    t, acc, p = run.cfg.train, run.accelerator, run.progress
+    acc, p = run.accelerator, run.progress
     stop_at = run.max_steps if stop_at is None else min(stop_at, run.max_steps)
-    pad = run.unwrapped.tokenizer.pad_token_id
     bar = tqdm(total=run.max_steps, initial=p.step, desc="train", disable=not acc.is_main_process, dynamic_ncols=True)
+    try:  # the bar is closed even when a step fails, so the error is printed on a line of its own
+        _steps(run, stop_at, bar)
+    finally:
+        bar.close()
+    if p.step and not (run.out / "checkpoints" / f"step-{p.step:08d}").exists():
+        save_checkpoint(run, best=False)
+    acc.end_training()
+    plot_losses(run)
+    return p
+
+
+def _steps(run: Run, stop_at: int, bar) -> None:
+    t, p = run.cfg.train, run.progress
+    pad = run.unwrapped.tokenizer.pad_token_id
     window: list[tuple[list[int], int]] = []  # the micro-batches of one optimizer step
     tokens_seen, t0 = 0, time.perf_counter()
     if p.step == 0 and run.data.val:
@@ -205,12 +218,6 @@ def fit(run: Run, stop_at: Optional[int] = None) -> Progress:
         log_metrics(run, record)
         if p.step % t.save_every == 0 or p.step in (run.max_steps, stop_at) or p.stopped_early:
             save_checkpoint(run, best=record.get("val_loss") is not None and p.best_step == p.step)
-    bar.close()
-    if p.step and not (run.out / "checkpoints" / f"step-{p.step:08d}").exists():
-        save_checkpoint(run, best=False)
-    acc.end_training()
-    plot_losses(run)
-    return p
 
 
 def train_step(run: Run, global_batches: list[list[int]], pad: int) -> tuple[Optional[float], int]:
@@ -328,6 +335,8 @@ def save_checkpoint(run: Run, best: bool) -> None:
     tmp = root / f".step-{run.progress.step:08d}.tmp"
     if best:  # before the step is published: a run killed in between redoes the step and writes best/ again
         run.unwrapped.save_pretrained(run.out / "best")
+        for stale in (run.out / "best").glob(".*.tmp"):  # a file being written when such a run was killed
+            stale.unlink(missing_ok=True)
     try:
         ckpt.write_training_checkpoint(tmp, run.unwrapped, run.optimizer, run.scheduler, run.accelerator,
                                        run.progress.__dict__)
