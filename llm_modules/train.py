@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -40,6 +41,7 @@ class Progress:
     bad_validations: int = 0
     nonfinite_skipped: int = 0
     stopped_early: bool = False
+    global_batch: int = 0  # train.batch_size x processes of the run that saved it (0: not recorded)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     max_steps: int = 0
     log: object = print
+    saved_step: int = -1  # step of the last checkpoint written or restored (the same on every rank)
 
     @property
     def unwrapped(self) -> LLMModules:
@@ -95,6 +98,7 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     model, optimizer = accelerator.prepare(model, optimizer)
     run = Run(cfg, out, accelerator, model, optimizer, scheduler, data, batches, features, max_steps=max_steps,
               log=log)
+    run.progress.global_batch = global_batch
     if t.distill_weight > 0:
         from .distill import load_teacher_head
 
@@ -145,9 +149,9 @@ def build_model_and_features(cfg, data, tokenizer, model, log):
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # one per process: all ranks probe the same directory at once
         probe.write_text("")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise UserError(f"output directory {out} is not writable ({e.strerror}); choose another with --output-dir")
 
@@ -177,7 +181,7 @@ def fit(run: Run, stop_at: Optional[int] = None) -> Progress:
         _steps(run, stop_at, bar)
     finally:
         bar.close()
-    if p.step and not (run.out / "checkpoints" / f"step-{p.step:08d}").exists():
+    if p.step and p.step != run.saved_step:  # not a file check: other ranks must not race the main one's write
         save_checkpoint(run, best=False)
     acc.end_training()
     plot_losses(run)
@@ -241,7 +245,7 @@ def train_step(run: Run, global_batches: list[list[int]], pad: int) -> tuple[Opt
                 raise _out_of_memory(len(lengths), max(lengths)) from None
             total += float(loss_sum.detach())
             if acc.sync_gradients:
-                total = float(acc.reduce(torch.tensor(total), reduction="sum")) / max(1, n_step)
+                total = float(acc.reduce(torch.tensor(total, device=acc.device), reduction="sum")) / max(1, n_step)
                 if not math.isfinite(total):
                     run.optimizer.zero_grad(set_to_none=True)
                     _nonfinite(run, total)
@@ -303,12 +307,16 @@ def validate(run: Run) -> float:
     acc, B = run.accelerator, run.cfg.train.batch_size
     pad = run.unwrapped.tokenizer.pad_token_id
     run.model.eval()
-    total, count = torch.zeros(()), torch.zeros(())
-    val = run.data.val
-    for start in range(acc.process_index * B, len(val), B * acc.num_processes):
-        indices = list(range(start, min(start + B, len(val))))
-        total += _loss_sum(run, "val", indices, pad).float().cpu()
-        count += sum(_targets(val[i]) for i in indices)
+    total, count = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+    val, rank = run.data.val, acc.process_index
+    # The same number of forward passes on every rank: a wrapped model's forward can hold a collective (DDP's buffer
+    # broadcast, FSDP's all-gather), so a rank whose share has run out repeats example 0 with weight 0.
+    for start in range(0, len(val), B * acc.num_processes):
+        indices = list(range(start + rank * B, min(start + (rank + 1) * B, len(val))))
+        loss_sum = _loss_sum(run, "val", indices or [0], pad).float()
+        if indices:
+            total += loss_sum
+            count += sum(_targets(val[i]) for i in indices)
     run.model.train()
     total, count = acc.reduce(total, reduction="sum"), acc.reduce(count, reduction="sum")
     return float(total / count) if count else float("nan")
@@ -328,6 +336,7 @@ def _early_stopping(run: Run, val: float) -> None:
 # ---- checkpoints ----------------------------------------------------------------------------------------------
 def save_checkpoint(run: Run, best: bool) -> None:
     run.accelerator.wait_for_everyone()
+    run.saved_step = run.progress.step
     if not run.accelerator.is_main_process:
         return
     root = run.out / "checkpoints"
@@ -362,7 +371,15 @@ def restore_latest(run: Run) -> None:
             (run.out / "metrics.jsonl").unlink(missing_ok=True)
         return
     state = ckpt.read_training_checkpoint(found, run.unwrapped, run.optimizer, run.scheduler, run.accelerator)
+    now = run.progress.global_batch
     run.progress = Progress(**state)
+    if run.progress.global_batch not in (0, now):
+        raise UserError(f"{found} was saved by a run with a global batch of {run.progress.global_batch} examples "
+                        f"(train.batch_size x processes); this one has {now}, which would reinterpret the saved data "
+                        f"position. Keep train.batch_size x processes = {run.progress.global_batch}, or start over "
+                        f"in another --output-dir")
+    run.progress.global_batch = now
+    run.saved_step = run.progress.step
     ckpt.truncate_metrics(run.out / "metrics.jsonl", run.progress.step)
     run.log(f"resumed from {found} (step {run.progress.step}, epoch {run.progress.epoch})")
 
@@ -389,6 +406,7 @@ def plot_losses(run: Run) -> None:
 def train(cfg: LLMModulesConfig, *, resume: bool = True, log=print, stop_at: Optional[int] = None) -> Progress:
     """Set up, fit and return the final progress; the trained weights are in `<output_dir>/checkpoints`."""
     run = setup(cfg, resume=resume, log=log)
+    log = run.log  # silent on ranks other than the main one
     log(f"training {sum(p.numel() for _, p in run.unwrapped.trainable_named_parameters()):,} parameters for "
         f"{run.max_steps} steps ({len(run.data.train)} train / {len(run.data.val)} val examples) -> {run.out}")
     progress = fit(run, stop_at=stop_at)
