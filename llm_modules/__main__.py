@@ -128,6 +128,9 @@ def cmd_eval(args, extra) -> int:
     print("| examples | target tokens | loss (nats/token) | perplexity | exact match |\n|---|---|---|---|---|")
     print(f"| {len(examples)} | {loss.tokens} | {loss.loss:.4f} | {loss.perplexity:.2f} | "
           f"{correct}/{len(rows)}{f' ({correct / len(rows):.1%})' if rows else ''} |")
+    scored = [r["task_score"] for r in rows if "task_score" in r]
+    if scored:
+        print(f"reasoning-gym's own scorers: mean score {sum(scored) / len(scored):.3f} over {len(scored)} answers")
     return 0
 
 

@@ -98,9 +98,16 @@ def answer_accuracy(model, examples: list[Example], *, max_new_tokens: int = 128
         prompts = [_prompt_and_gold(e) for e in chunk]
         input_ids, mask, extra = prompt_batch(model, [p for p, _ in prompts])
         new = model.generate(input_ids, mask, max_new_tokens=max_new_tokens, stop=list(stop), model_kwargs=extra)
-        for (messages, gold), out in zip(prompts, new):
+        for (messages, gold), out, record in zip(prompts, new, (e.record for e in chunk)):
             text = tok.decode([t for t in out.tolist() if t != tok.pad_token_id], skip_special_tokens=True)
             pred = extract_answer(text)
-            rows.append({"prompt": messages[-1]["content"], "output": text, "answer": pred, "gold": gold,
-                         "correct": is_correct(pred, gold)})
+            row = {"prompt": messages[-1]["content"], "output": text, "answer": pred, "gold": gold,
+                   "correct": is_correct(pred, gold)}
+            if record.source.startswith("reasoning-gym:") and pred is not None:
+                from .reasoning_tasks import reasoning_gym_score
+
+                data = model.config.data  # the task's own verdict (e.g. numeric tolerance, set equality)
+                row["task_score"] = reasoning_gym_score(record.source, record.line, pred, data.reasoning_gym_size,
+                                                        data.seed)
+            rows.append(row)
     return rows

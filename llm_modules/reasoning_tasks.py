@@ -13,9 +13,9 @@ TEST_DERIVED_TASKS = {"gsm_symbolic": "its problems are templates of GSM8K test 
 
 def reasoning_gym_items(tasks: list[str], size: int, seed: int, *, allow_test_derived: bool = False
                         ) -> list[tuple[str, int, list]]:
-    """(source, item number, messages) for each generated item."""
-    """`size` generated problems per task; the assistant target is a computed step-by-step solution ending in
-    "#### ANSWER" for the tasks in STEP_BY_STEP_TASKS, else the generator's final answer."""
+    """(source, item number, messages) for `size` generated problems per task; the assistant target is a computed
+    step-by-step solution ending in "#### ANSWER" for the tasks in STEP_BY_STEP_TASKS, else the generator's final
+    answer."""
     try:
         import reasoning_gym
     except ImportError:
@@ -33,6 +33,20 @@ def reasoning_gym_items(tasks: list[str], size: int, seed: int, *, allow_test_de
                         {"role": "assistant", "content": solution_text(task, item)}]
             out.append((f"reasoning-gym:{task}", n, messages))
     return out
+
+
+def reasoning_gym_score(source: str, item_number: int, answer: str, size: int, seed: int) -> float:
+    """reasoning-gym's own scorer for the item a record came from (its dataset is regenerated from size and seed)."""
+    import reasoning_gym
+
+    task = source.split(":", 1)[1]
+    dataset = _datasets.get((task, size, seed))
+    if dataset is None:
+        dataset = _datasets[(task, size, seed)] = reasoning_gym.create_dataset(task, size=size, seed=seed)
+    return float(dataset.score_answer(answer, dataset[item_number - 1]))
+
+
+_datasets: dict = {}
 
 
 def _refuse_test_derived(task: str, allowed: bool) -> None:

@@ -60,3 +60,13 @@ def test_miniature_experiment_end_to_end(tmp_path):
     assert set(probe) >= {"proj", "ffn", "cross_attn_1", "cross_attn_2", "bridge_output"}
     assert results["large-alone"]["val_loss"] > 0
     assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_reasoning_gym_own_scorer_judges_the_item_a_record_came_from():
+    pytest.importorskip("reasoning_gym")
+    from llm_modules.reasoning_tasks import reasoning_gym_items, reasoning_gym_score
+
+    for source, n, messages in reasoning_gym_items(["chain_sum", "gcd"], 4, 3):
+        gold = extract_answer(messages[-1]["content"])
+        assert reasoning_gym_score(source, n, gold, 4, 3) == 1.0
+        assert reasoning_gym_score(source, n, str(int(gold) + 1), 4, 3) == 0.0
