@@ -91,7 +91,7 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     batches = LengthGroupedBatches([len(e) for e in data.train], global_batch, seed=t.seed)
     steps_per_epoch = max(1, len(batches) // t.grad_accum)
     max_steps = min(t.max_steps, steps_per_epoch * t.epochs) if t.max_steps is not None else steps_per_epoch * t.epochs
-    optimizer = torch.optim.AdamW(model.param_groups(t.lr_bridge, t.lr_small, t.weight_decay))
+    optimizer = make_optimizer(model.param_groups(t.lr_bridge, t.lr_small, t.weight_decay))
     make = get_cosine_schedule_with_warmup if t.schedule == "cosine" else get_constant_schedule_with_warmup
     kwargs = {"num_training_steps": max(1, max_steps)} if t.schedule == "cosine" else {}
     scheduler = make(optimizer, num_warmup_steps=t.warmup_steps, **kwargs)
@@ -110,6 +110,16 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     elif accelerator.is_main_process:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     return run
+
+
+def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a fused kernel for the device (on these CPUs the step over a 150k-token head
+    takes about 7x less time than the default for-loop implementation)."""
+    groups = [g for g in groups if g["params"]]  # the small-alone baseline has no bridge group
+    try:
+        return torch.optim.AdamW(groups, fused=True)
+    except (RuntimeError, TypeError):  # a device without a fused kernel
+        return torch.optim.AdamW(groups)
 
 
 def load_data(cfg: LLMModulesConfig, model: Optional[LLMModules] = None, log=print) -> tuple[DataBundle, object]:
