@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine  # noqa: E402
+from common import describe_machine, machine  # noqa: E402
 
 from llm_modules.__main__ import load_config  # noqa: E402
 from llm_modules import features  # noqa: E402
@@ -55,7 +55,8 @@ def main() -> int:
     cfg_live = base.replace(train={"feature_cache": "off", "output_dir": str(work / "live")})
     cfg_cached = base.replace(train={"feature_cache": "auto", "output_dir": str(work / "cached"),
                                      "feature_cache_dir": str(work / "features")})
-    print(describe_machine(args.threads))
+    m = machine()
+    print(describe_machine(m))
 
     model = LLMModules.from_config(cfg_live)  # loaded once; the same initial weights serve both arms
     init = {n: p.detach().clone() for n, p in model.trainable_named_parameters()}
@@ -73,7 +74,7 @@ def main() -> int:
     cached_s, steps_c, _ = timed_epoch(run_c, args.max_batches)
 
     result = {
-        "config": args.config, "threads": args.threads, "optimizer_steps": steps, "tokens": tokens,
+        "machine": m, "config": args.config, "threads": args.threads, "optimizer_steps": steps, "tokens": tokens,
         "train_examples": len(run.data.train), "val_examples": len(run.data.val),
         "live_epoch_s": live_s, "cache_build_s": build_s, "cached_epoch_s": cached_s,
         "speedup_after_first_epoch": live_s / cached_s,
