@@ -107,6 +107,8 @@ class DataConfig:
     # reasoning-gym generators (offline): task names, examples per task, generator seed.
     reasoning_gym_tasks: list = field(default_factory=list)
     reasoning_gym_size: int = 200
+    # Held out by template: these reasoning-gym tasks form the validation set (none of their items is trained on).
+    reasoning_gym_val_tasks: list = field(default_factory=list)
     # Held-out data: an explicit file / dataset, else a fixed seeded fraction of the training records.
     val_path: Optional[str] = None
     val_fraction: float = 0.05

@@ -290,6 +290,14 @@ def build_datasets(cfg: DataConfig, tokenizer, *, log: Callable[[str], None] = p
         train_recs = records
         val_recs = read_records(cfg.val_path, hub_subset=cfg.hub_subset, hub_split="validation",
                                 skip_bad=cfg.skip_bad, skipped=skipped)
+    elif cfg.reasoning_gym_val_tasks:  # split by template: whole tasks held out, none of their items trained on
+        overlap = set(cfg.reasoning_gym_val_tasks) & set(cfg.reasoning_gym_tasks)
+        if overlap:
+            raise UserError(f"data.reasoning_gym_val_tasks: {', '.join(sorted(overlap))} also in "
+                            "data.reasoning_gym_tasks; a held-out task must not be trained on")
+        train_recs = records
+        val_recs = [Record(*item) for item in reasoning_gym_items(
+            list(cfg.reasoning_gym_val_tasks), cfg.reasoning_gym_size, cfg.seed, allow_test_derived=True)]
     else:
         train_idx, val_idx = split_indices(len(records), cfg.val_fraction, cfg.seed)
         train_recs, val_recs = [records[i] for i in train_idx], [records[i] for i in val_idx]

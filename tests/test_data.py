@@ -309,3 +309,19 @@ def test_length_grouped_batches():
     random.Random(0).shuffle(order)
     naive = [order[i : i + 8] for i in range(0, 1003, 8)]
     assert mean_padding(e0, lengths) < 0.5 * mean_padding(naive, lengths)
+
+
+def test_split_by_template_holds_out_whole_reasoning_gym_tasks():
+    pytest.importorskip("reasoning_gym")
+    from llm_modules.config import DataConfig
+    from llm_modules.errors import UserError
+    from llm_modules.vocab import load_tokenizer
+
+    tok = load_tokenizer("byte-level")
+    cfg = DataConfig(reasoning_gym_tasks=["chain_sum", "gcd"], reasoning_gym_val_tasks=["lcm"],
+                     reasoning_gym_size=6, system_prompt="")
+    data = build_datasets(cfg, tok, log=lambda *a: None)
+    assert {e.record.source for e in data.train} == {"reasoning-gym:chain_sum", "reasoning-gym:gcd"}
+    assert {e.record.source for e in data.val} == {"reasoning-gym:lcm"}
+    with pytest.raises(UserError, match="must not be trained on"):
+        build_datasets(DataConfig(reasoning_gym_tasks=["gcd"], reasoning_gym_val_tasks=["gcd"]), tok)
