@@ -126,3 +126,21 @@ def test_trains_through_the_cli_with_and_without_the_feature_cache(tmp_path):
     assert abs(last("live")["val_loss"] - last("cached")["val_loss"]) < 1e-2
     assert main(["generate", "--checkpoint", str(tmp_path / "live"), "--prompt", "What is 1 + 1?",
                  "--max-new-tokens", "4"]) == 0
+
+
+def test_a_pretrained_small_model_is_kept_whole(tmp_path):
+    """The design case: a pretrained small causal LM (its own embeddings, head, tokenizer) used as it is."""
+    d = {**SMALL["llama"], "vocab_size": 300, "tie_word_embeddings": True}
+    mt = d.pop("model_type")
+    torch.manual_seed(5)
+    pretrained = AutoModelForCausalLM.from_config(AutoConfig.for_model(mt, **d)).eval()
+    pretrained.save_pretrained(tmp_path / "small")
+    c = LLMModulesConfig.from_dict({"large": {"config": LARGE["qwen2"]},
+                                    "small": {"name_or_path": str(tmp_path / "small"), "pretrained": True},
+                                    "bridge": {"num_heads": 4, "adapter_dim": 8, "every": 1},
+                                    "coupling": "prompt", "small_tokenizer": "byte-level"})
+    model = LLMModules.from_config(c).eval()
+    assert model.lm_head.weight is model.small.embed_tokens.weight  # tied, as the pretrained model has it
+    ids = torch.randint(0, 300, (1, 7))
+    same = dict(attention_mask=torch.ones_like(ids), position_ids=torch.arange(7)[None], use_cache=False)
+    assert torch.equal(model(ids, memory_ids=torch.randint(0, 96, (1, 3))).logits, pretrained(ids, **same).logits)
