@@ -6,16 +6,13 @@ exact-match accuracy of the final answer); print the comparison; generate one an
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import LLMModulesConfig
-from .evaluate import answer_accuracy, heldout_loss
-from .model import LLMModules
+from .experiment import run_arm
 from .plots import plot_metrics
-from .train import load_data, train
 
 
 def arms(cfg: LLMModulesConfig, out: Path) -> dict[str, LLMModulesConfig]:
@@ -29,25 +26,11 @@ def run_demo(cfg: LLMModulesConfig, out: Path, *, eval_examples: int = 24, max_n
              log=print) -> dict:
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
-    data, sample = None, None
     for name, arm in arms(cfg, out).items():
-        log(f"\n=== {name}: training ({time.perf_counter() - t0:.0f} s) ===")
-        progress = train(arm, resume=True, log=log)
-        best = Path(arm.train.output_dir) / "best"
-        log(f"=== {name}: evaluating {best} ===")
-        model = LLMModules.from_pretrained(best).eval()
-        if data is None or arm.coupling == "prompt":
-            data, _ = load_data(arm, model, log=lambda *a: None)
-        loss = heldout_loss(model, data.val)
-        rows = answer_accuracy(model, data.val[:eval_examples], max_new_tokens=max_new_tokens)
-        results[name] = {"val_loss": loss.loss, "perplexity": loss.perplexity, "val_tokens": loss.tokens,
-                         "accuracy": sum(r["correct"] for r in rows) / max(1, len(rows)), "answered": len(rows),
-                         "steps": progress.step, "best_step": progress.best_step,
-                         "trainable_params": sum(p.numel() for _, p in model.trainable_named_parameters())}
-        atomic_write_text(out / f"{name}-answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        if name == "combined":
-            sample = rows[0] if rows else None
+        log(f"\n=== {name}: training, then evaluating its best checkpoint ({time.perf_counter() - t0:.0f} s) ===")
+        results[name], model, _, _ = run_arm(arm, eval_examples, max_new_tokens, log)
         del model
+    sample = results["combined"]["sample"]
     results["wall_seconds"] = time.perf_counter() - t0
     table = comparison_table(results)
     log("\n" + table)
@@ -68,6 +51,5 @@ def comparison_table(results: dict) -> str:
     for name in ("combined", "small-alone"):
         r = results[name]
         lines.append(f"| {name} | {r['val_loss']:.3f} | {r['perplexity']:.2f} | "
-                     f"{r['accuracy'] * r['answered']:.0f}/{r['answered']} | {r['trainable_params']:,} | "
-                     f"{r['steps']} |")
+                     f"{r['exact_match']}/{r['answered']} | {r['trainable_params']:,} | {r['steps']} |")
     return "\n".join(lines)

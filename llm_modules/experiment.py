@@ -42,49 +42,55 @@ def arm_config(cfg: LLMModulesConfig, name: str, out: Path, budget: Optional[int
     if budget is not None:
         train_over["max_steps"] = budget
     if over.get("coupling") == "prompt" and cfg.small.config is not None and cfg.small_tokenizer is None:
+        from .backbones import resolve_path
+
         # A small model built from its config has no tokenizer of its own: give it the large one's, so this arm
         # is the small-alone arm plus the prompt memory.
         over["small"] = {"config": {**cfg.small.config, "vocab_size": vocab}}
-        over["small_tokenizer"] = cfg.tokenizer or "<large>"
+        over["small_tokenizer"] = cfg.tokenizer or resolve_path(cfg.large)
     merged = cfg.to_dict()
     for section, value in over.items():
         merged[section] = {**merged[section], **value} if isinstance(value, dict) else value
     merged["train"] = {**merged["train"], **train_over}
-    if merged.get("small_tokenizer") == "<large>":
-        from .backbones import resolve_path
-
-        merged["small_tokenizer"] = resolve_path(cfg.large)
     return LLMModulesConfig.from_dict(merged, where=f"experiment arm {name}")
+
+
+def run_arm(arm: LLMModulesConfig, eval_examples: int, max_new_tokens: int, log=print):
+    """Train one arm (resuming if it was interrupted), then evaluate its best checkpoint: held-out loss on every
+    held-out example, greedy answers to the first `eval_examples`. Returns (results, model, data, feature cache)."""
+    out = Path(arm.train.output_dir)
+    t0 = time.perf_counter()
+    progress = train(arm, resume=True, log=log)
+    train_s = time.perf_counter() - t0
+    model = LLMModules.from_pretrained(out / "best").eval()
+    data, _ = load_data(arm, model, log=lambda *a: None)
+    cached = features_mod.available(arm, data) if arm.coupling == "stream" else None
+    loss = heldout_loss(model, data.val, features=cached["val"] if cached else None)
+    t1 = time.perf_counter()
+    rows = answer_accuracy(model, data.val[:eval_examples], max_new_tokens=max_new_tokens)
+    gen_s = time.perf_counter() - t1
+    new_tokens = sum(len(model.tokenizer.encode(r["output"], add_special_tokens=False)) + 1 for r in rows)
+    atomic_write_text(out / "answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    results = {
+        "val_loss": loss.loss, "perplexity": loss.perplexity, "val_tokens": loss.tokens,
+        "exact_match": sum(r["correct"] for r in rows), "answered": len(rows),
+        "steps": progress.step, "best_step": progress.best_step, "train_seconds": train_s,
+        "trainable_params": sum(p.numel() for _, p in model.trainable_named_parameters()),
+        "answer_tokens_per_s": new_tokens / max(gen_s, 1e-9), "sample": rows[0] if rows else None,
+    }
+    return results, model, data, cached
 
 
 def run_experiment(cfg: LLMModulesConfig, out: Path, *, budget: Optional[int], arms: list[str],
                    eval_examples: int = 24, max_new_tokens: int = 96, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    base_data, tokenizer = load_data(cfg, log=log)
+    _, tokenizer = load_data(cfg, log=log)
     results: dict[str, dict] = {}
     for name in arms:
         arm = arm_config(cfg, name, out, budget, len(tokenizer))
         log(f"\n=== arm {name} ({time.perf_counter() - t_start:.0f} s) ===")
-        t0 = time.perf_counter()
-        progress = train(arm, resume=True, log=log)
-        train_s = time.perf_counter() - t0
-        model = LLMModules.from_pretrained(out / name / "best").eval()
-        data, _ = load_data(arm, model, log=lambda *a: None)
-        cached = features_mod.available(arm, data) if arm.coupling == "stream" else None
-        loss = heldout_loss(model, data.val, features=cached["val"] if cached else None)
-        t1 = time.perf_counter()
-        rows = answer_accuracy(model, data.val[:eval_examples], max_new_tokens=max_new_tokens)
-        gen_s = time.perf_counter() - t1
-        new_tokens = sum(len(model.tokenizer.encode(r["output"], add_special_tokens=False)) + 1 for r in rows)
-        results[name] = {
-            "val_loss": loss.loss, "perplexity": loss.perplexity, "val_tokens": loss.tokens,
-            "exact_match": sum(r["correct"] for r in rows), "answered": len(rows),
-            "steps": progress.step, "best_step": progress.best_step, "train_seconds": train_s,
-            "trainable_params": sum(p.numel() for _, p in model.trainable_named_parameters()),
-            "answer_tokens_per_s": new_tokens / max(gen_s, 1e-9),
-        }
-        atomic_write_text(out / name / "answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        results[name], model, data, cached = run_arm(arm, eval_examples, max_new_tokens, log)
         if name == "combined" and cached is not None and cfg.large.layer == -1:
             from .distill import load_teacher_head
             from .probe import probe

@@ -67,13 +67,15 @@ class LLMModules(nn.Module):
         vocab_size: int,
         tokenizer=None,
         large_config=None,
+        large_tokenizer=None,
     ):
         """`large` may be None with `large_config` given: a model that runs only from cached source states.
         For coupling "prompt", `small` is the small causal LM (with its head), kept whole."""
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer  # the tokenizer of the model's output vocabulary
-        self.large_tokenizer = tokenizer  # what the large model reads (differs only for coupling "prompt")
+        # What the large model reads: the same tokenizer, except for coupling "prompt" (the small one has its own).
+        self.large_tokenizer = large_tokenizer or tokenizer
         self.large = freeze(large) if large is not None and config.coupling != "none" else None
         if config.coupling == "prompt":
             head, small = small.get_output_embeddings(), small.base_model
@@ -118,8 +120,8 @@ class LLMModules(nn.Module):
                       else small.get_output_embeddings().out_features)
         check_source_layer(config.large.layer, large_config)
         with seeded(seed):
-            model = cls(config.replace(vocab_size=vocab_size), large, small, vocab_size, out_tokenizer, large_config)
-        model.large_tokenizer = tokenizer
+            model = cls(config.replace(vocab_size=vocab_size), large, small, vocab_size, out_tokenizer, large_config,
+                        large_tokenizer=tokenizer)
         if config.small.gradient_checkpointing:
             model.small.activation_checkpointing_enable()
         return model
