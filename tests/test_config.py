@@ -53,3 +53,21 @@ def test_missing_or_broken_yaml(tmp_path):
     bad.write_text("large: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         LLMModulesConfig.from_yaml(bad)
+
+
+def test_paper_config_spells_out_every_field():
+    import yaml
+
+    raw = yaml.safe_load(open("configs/paper.yaml"))
+    full = LLMModulesConfig.from_yaml("configs/paper.yaml").to_dict()
+
+    def missing(r, f, pre=""):
+        out = []
+        for k, v in f.items():
+            if k not in r:
+                out.append(pre + k)
+            elif isinstance(v, dict) and isinstance(r[k], dict) and k not in ("config", "overrides"):
+                out += missing(r[k], v, pre + k + ".")
+        return out
+
+    assert missing(raw, full) == []
