@@ -351,7 +351,6 @@ def bench_large_alone(model, cfg, ids, n: int, repeats: int) -> dict:
                      "quiet": quiet, "meter": m.result})
         log(f"  large alone run {r + 1}/{repeats}: prefill {steps[0]:.3f} s, decode median "
             f"{runs[-1]['median_s'] * 1e3:.1f} ms/token, total {total:.2f} s; others busy {m.result['others_busy']}")
-    del lm
     return {
         "model": source,
         "generation": f"greedy, max_new_tokens = min_new_tokens = {n}, eos {eos}, use_cache=True (DynamicCache)",
