@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .sharded_state import flatten_optimizer, scatter, unflatten_optimizer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
@@ -107,33 +108,31 @@ RNG_NAME = "rng.safetensors"
 STATE_KEYS = ("progress", "optimizer_param_groups", "scheduler", "python_random")  # what read_training_checkpoint reads
 
 
-def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], list]:
-    tensors = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
-    return tensors, sd["param_groups"]
+def rng_states(accelerator) -> dict[str, torch.Tensor]:
+    """Every rank's torch (and CUDA) RNG state, keyed "torch.rank<r>" / "cuda.rank<r>": a collective when several
+    processes run (only the main rank's dict is complete), so dropout resumes bit-exactly in each of them."""
+    own = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+    if accelerator.num_processes == 1:
+        return {f"{k}.rank0": v for k, v in own.items()}
+    from accelerate.utils import gather_object
+
+    return {f"{k}.rank{r}": v for r, st in enumerate(gather_object([own])) for k, v in st.items()}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    return {"state": state, "param_groups": groups}
-
-
-def write_training_checkpoint(directory: Path, model, optimizer, scheduler, accelerator, progress: dict) -> None:
-    """Everything a resumed run needs, written into `directory` (a temporary name published by replace_dir)."""
+def write_training_checkpoint(directory: Path, model, weights: dict, optimizer_state: dict, scheduler, accelerator,
+                              progress: dict, rng: dict[str, torch.Tensor]) -> None:
+    """Everything a resumed run needs, written into `directory` (a temporary name published by replace_dir).
+    `weights` / `optimizer_state`: whole tensors from sharded_state.gather; `rng`: from rng_states."""
     import random
 
     directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    model.save_pretrained(directory)
-    opt_tensors, groups = _flatten_optimizer(optimizer.state_dict())
+    model.save_pretrained(directory, tensors=weights)
+    opt_tensors, groups = flatten_optimizer(optimizer_state)
     save_tensors(directory / OPTIMIZER_NAME, opt_tensors)
-    save_tensors(directory / RNG_NAME, {"torch": torch.get_rng_state()}
-                 | ({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-                    if torch.cuda.is_available() else {}))
+    save_tensors(directory / RNG_NAME, rng)
     scaler = getattr(accelerator, "scaler", None)
     state = {
         "progress": progress,
@@ -146,14 +145,15 @@ def write_training_checkpoint(directory: Path, model, optimizer, scheduler, acce
 
 
 def read_training_checkpoint(directory: Path, model, optimizer, scheduler, accelerator) -> dict:
-    """Restore a training checkpoint into live objects; returns the saved progress dict."""
+    """Restore a training checkpoint into live objects (`model` as prepared: plain, DDP or FSDP; every rank reads
+    the files); returns the saved progress dict."""
     import random
 
     state = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
     tensors, _ = load_tensors(directory / WEIGHTS_NAME)
-    model.load_trainable(tensors, str(directory / WEIGHTS_NAME))
+    accelerator.unwrap_model(model).check_trainable(tensors, str(directory / WEIGHTS_NAME))
     opt_tensors, _ = load_tensors(directory / OPTIMIZER_NAME)
-    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer_param_groups"]))
+    scatter(model, optimizer, tensors, unflatten_optimizer(opt_tensors, state["optimizer_param_groups"]))
     sched = scheduler.state_dict()
     sched.update(state["scheduler"])
     scheduler.load_state_dict(sched)
@@ -161,9 +161,11 @@ def read_training_checkpoint(directory: Path, model, optimizer, scheduler, accel
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     rng, _ = load_tensors(directory / RNG_NAME)
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and "cuda.0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
+    rank = accelerator.process_index  # a rank the saving run did not have takes rank 0's state
+    mine = rank if f"torch.rank{rank}" in rng else 0
+    torch.set_rng_state(rng[f"torch.rank{mine}"])
+    if torch.cuda.is_available() and f"cuda.rank{mine}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda.rank{mine}"])
     v, internal, gauss = state["python_random"]
     random.setstate((v, tuple(internal), gauss))
     return state["progress"]

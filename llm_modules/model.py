@@ -271,10 +271,11 @@ class LLMModules(nn.Module):
                 )
 
     # ---- save / load ---------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: Union[str, Path]) -> None:
-        """Trainable weights (safetensors) + the config that rebuilds everything else."""
+    def save_pretrained(self, directory: Union[str, Path], tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Trainable weights (safetensors) + the config that rebuilds everything else. `tensors`: the whole trainable
+        weights when the parameters themselves are shards (FSDP; see sharded_state.gather)."""
         d = Path(directory)
-        tensors = {n: p for n, p in self.trainable_named_parameters()}
+        tensors = dict(self.trainable_named_parameters()) if tensors is None else tensors
         save_tensors(d / WEIGHTS_NAME, tensors, metadata={"llm_modules": json.dumps(self.signature())})
         self.config.save_yaml(d / CONFIG_NAME)
 
@@ -307,6 +308,13 @@ class LLMModules(nn.Module):
         }
 
     def load_trainable(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        self.check_trainable(tensors, where)
+        with torch.no_grad():
+            for k, p in self.trainable_named_parameters():
+                p.copy_(tensors[k])
+
+    def check_trainable(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """UserError naming every missing, unexpected or misshapen tensor (shapes are whole ones, sharded or not)."""
         own = dict(self.trainable_named_parameters())
         problems = [f"missing tensor {k}" for k in own if k not in tensors]
         problems += [f"unexpected tensor {k}" for k in tensors if k not in own]
@@ -317,9 +325,6 @@ class LLMModules(nn.Module):
         ]
         collect(problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else []),
                 f"{where} does not match the model its config builds")
-        with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(tensors[k])
 
 
 # ---- builder helpers -----------------------------------------------------------------------------------------

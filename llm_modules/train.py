@@ -26,6 +26,7 @@ from .config import LLMModulesConfig
 from .data import DataBundle, LengthGroupedBatches, build_datasets, collate
 from .errors import UserError
 from . import features as features_mod
+from . import sharded_state
 from .model import LLMModules, load_model_tokenizer, load_small_tokenizer
 
 
@@ -82,7 +83,10 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     _check_writable(out)
     seed_everything(t.seed)
     data, tokenizer = load_data(cfg, model, log=log)
-    model, features = build_model_and_features(cfg, data, tokenizer, model, log)
+    # The main process fills a missing feature cache while the others wait; they then find it complete and never
+    # load the large model (accelerate's collective timeout bounds the wait: build big caches with cache-features).
+    with accelerator.main_process_first():
+        model, features = build_model_and_features(cfg, data, tokenizer, model, log)
     if data.skipped:
         ckpt.atomic_write_text(out / "skipped_records.jsonl",
                                "".join(json.dumps(list(s)) + "\n" for s in data.skipped))
@@ -345,33 +349,51 @@ def _early_stopping(run: Run, val: float) -> None:
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
 def save_checkpoint(run: Run, best: bool) -> None:
-    run.accelerator.wait_for_everyone()
+    """Every rank joins (gathering sharded weights and optimizer state is a collective); the main rank writes; a
+    failed write stops every rank with the same cause."""
+    acc = run.accelerator
+    acc.wait_for_everyone()
     run.saved_step = run.progress.step
-    if not run.accelerator.is_main_process:
-        return
+    trainable = {n for n, _ in run.unwrapped.trainable_named_parameters()}
+    weights, optimizer_state = sharded_state.gather(run.model, run.optimizer, trainable)
+    rng = ckpt.rng_states(acc)
+    error = _write_checkpoint(run, best, weights, optimizer_state, rng) if acc.is_main_process else None
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+        if error and not acc.is_main_process:  # the main rank says why; the others only stop
+            raise UserError(f"process {acc.process_index}: stopping, the main process could not save the checkpoint")
+    if error:
+        raise UserError(error)
+
+
+def _write_checkpoint(run: Run, best: bool, weights: dict, optimizer_state: dict, rng: dict) -> Optional[str]:
+    """Write and publish the step's checkpoint (and best/); returns why it could not be written, or None."""
     root = run.out / "checkpoints"
     final = root / f"step-{run.progress.step:08d}"
     tmp = root / f".step-{run.progress.step:08d}.tmp"
-    if best:  # before the step is published: a run killed in between redoes the step and writes best/ again
-        run.unwrapped.save_pretrained(run.out / "best")
-        for stale in (run.out / "best").glob(".*.tmp"):  # a file being written when such a run was killed
-            stale.unlink(missing_ok=True)
     try:
-        ckpt.write_training_checkpoint(tmp, run.unwrapped, run.optimizer, run.scheduler, run.accelerator,
-                                       run.progress.__dict__)
+        if best:  # before the step is published: a run killed in between redoes the step and writes best/ again
+            run.unwrapped.save_pretrained(run.out / "best", tensors=weights)
+            for stale in (run.out / "best").glob(".*.tmp"):  # a file being written when such a run was killed
+                stale.unlink(missing_ok=True)
+        ckpt.write_training_checkpoint(tmp, run.unwrapped, weights, optimizer_state, run.scheduler, run.accelerator,
+                                       run.progress.__dict__, rng)
         ckpt.replace_dir(tmp, final)
     except (OSError, UserError) as e:  # a full disk, a vanished directory ...
         shutil.rmtree(tmp, ignore_errors=True)
         cause = e.__context__ if isinstance(e, UserError) else e  # atomic_write's UserError wraps the OSError
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e)
         intact = ckpt.latest_training_checkpoint(root, log=lambda *a: None)
-        raise UserError(f"could not save the checkpoint of step {run.progress.step} in {root} ({reason}); "
-                        + (f"{intact.name} is intact: free some space and run the same command again to resume "
-                           "from it" if intact else "there is no earlier checkpoint")) from None
+        return (f"could not save the checkpoint of step {run.progress.step} in {root} ({reason}); "
+                + (f"{intact.name} is intact: free some space and run the same command again to resume from it"
+                   if intact else "there is no earlier checkpoint"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     ckpt.prune_checkpoints(root, keep=2)
+    return None
 
 
 def restore_latest(run: Run) -> None:
@@ -380,7 +402,7 @@ def restore_latest(run: Run) -> None:
         if run.accelerator.is_main_process:  # lines of a run killed before its first checkpoint: it starts over
             (run.out / "metrics.jsonl").unlink(missing_ok=True)
         return
-    state = ckpt.read_training_checkpoint(found, run.unwrapped, run.optimizer, run.scheduler, run.accelerator)
+    state = ckpt.read_training_checkpoint(found, run.model, run.optimizer, run.scheduler, run.accelerator)
     now = run.progress.global_batch
     run.progress = Progress(**state)
     if run.progress.global_batch not in (0, now):

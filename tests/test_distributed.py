@@ -1,4 +1,5 @@
-"""Multi-process training for real (2 CPU processes, gloo), the example accelerate configs, and the GPU benchmark's
+"""Multi-process training for real (2 CPU processes, gloo; DDP, and FSDP2 with configs/accelerate/fsdp.yaml's
+settings), checkpoints across process counts and wrappers, the example accelerate configs, and the GPU benchmark's
 CPU smoke path.
 
 The 2-process run goes through `accelerate launch` with configs/accelerate/cpu_2proc.yaml and the real CLI
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -59,25 +61,75 @@ def _instrument(record: dict, grads_path: Path) -> None:
     def setup(*args, **kwargs):
         run = real_setup(*args, **kwargs)
         acc, model = run.accelerator, run.unwrapped
+        large = model.large or torch.nn.Module()  # None when training reads the feature cache
         record.update(rank=acc.process_index, world=acc.num_processes, distributed_type=str(acc.distributed_type),
                       backend=acc.state.backend, wrapper=type(run.model).__name__,
-                      large_trainable=any(p.requires_grad for p in model.large.parameters()),
+                      large_loaded=model.large is not None,
+                      large_trainable=any(p.requires_grad for p in large.parameters()),
+                      sharded=sorted({type(p).__name__ for _, p in model.trainable_named_parameters()}),
+                      large_sharded=sorted({type(p).__name__ for p in large.parameters()}),
                       threads=torch.get_num_threads())
         real_clip = acc.clip_grad_norm_
 
         def clip(parameters, *a, **k):
             parameters = list(parameters)
             if "grad_saved" not in record:
-                grads = {n: p.grad.detach().clone() for n, p in model.trainable_named_parameters() if p.grad is not None}
+                grads = {n: _whole(p.grad).detach().clone() for n, p in model.trainable_named_parameters()
+                         if p.grad is not None}
                 save_file(grads, str(grads_path))
                 record["grad_saved"] = len(grads)
-                record["large_grads"] = sum(p.grad is not None for p in model.large.parameters())
+                record["large_grads"] = sum(p.grad is not None for p in large.parameters())
             return real_clip(parameters, *a, **k)
 
         acc.clip_grad_norm_ = clip
         return run
 
     T.setup = setup
+    real_prepare = T.features_mod.prepare
+
+    def prepare(*args, **kwargs):  # builds (or finds) the feature cache with the large model
+        record["built_features"] = True
+        return real_prepare(*args, **kwargs)
+
+    T.features_mod.prepare = prepare
+
+
+def _whole(t):
+    """A sharded (FSDP DTensor) gradient gathered whole - a collective every rank makes in the same order."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _fsdp_on_cpu() -> None:
+    """Make accelerate run FSDP2 on CPU processes (gloo), for this test only.
+
+    accelerate turns FSDP on only for GPU-type backends (with ACCELERATE_USE_CPU=1 it silently falls back to DDP), yet
+    torch's FSDP2 (fully_shard, DTensor) runs on CPU with gloo. After the Accelerator is built as usual (MULTI_CPU,
+    gloo) this switches its shared state to FSDP with the plugin that the FSDP_* environment describes - the test
+    sets it from configs/accelerate/fsdp.yaml - so `prepare` takes accelerate's own FSDP2 path."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    real_init = Accelerator.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        # Both shared states: every later AcceleratorState() copies PartialState's over its own.
+        self.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    Accelerator.__init__ = init
+
+
+def _full_disk() -> None:
+    """This rank's checkpoint writes fail as on a full disk."""
+    import errno
+
+    import llm_modules.checkpoint as ckpt
+
+    def replace_dir(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    ckpt.replace_dir = replace_dir
 
 
 def _worker(argv: list[str]) -> int:
@@ -91,6 +143,10 @@ def _worker(argv: list[str]) -> int:
     faulthandler.dump_traceback_later(float(os.environ.get("LLM_MODULES_TEST_HANG_S", LAUNCH_TIMEOUT - 15)),
                                       file=stacks)
     _instrument(record, record_dir / f"grads-rank{rank}.safetensors")
+    if os.environ.get("LLM_MODULES_TEST_FSDP") == "1":
+        _fsdp_on_cpu()
+    if os.environ.get("LLM_MODULES_TEST_FULL_DISK") == "1" and rank == 0:
+        _full_disk()
     from llm_modules.__main__ import main
 
     t0 = time.perf_counter()
@@ -109,11 +165,27 @@ def _env() -> dict:
     return env
 
 
-def _launch(cmd: list[str], timeout: float, record_dir: Path):
+def _fsdp_launch_env() -> dict:
+    """The environment `accelerate launch --config_file configs/accelerate/fsdp.yaml` gives each process."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    path = REPO / "configs/accelerate/fsdp.yaml"
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), "x.py"]))
+    return prepare_multi_gpu_env(args)
+
+
+def _fsdp_env() -> dict:
+    """fsdp.yaml's FSDP_* settings (its bf16 left out: the comparison with one process is made in fp32), and the
+    switch that makes the worker run them on CPU."""
+    return {k: v for k, v in _fsdp_launch_env().items() if k.startswith("FSDP_")} | {"LLM_MODULES_TEST_FSDP": "1"}
+
+
+def _launch(cmd: list[str], timeout: float, record_dir: Path, extra_env: Optional[dict] = None):
     """Run the launcher; on timeout stop it and its workers and return (None, stdout, stderr). torchrun starts each
     worker in a session of its own, so killing the launcher alone would leave them running: SIGTERM makes the
     launcher stop its workers, and any worker still alive after that is killed by the pid it recorded at start."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env() | (extra_env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
         return proc.returncode, stdout, stderr
@@ -181,23 +253,25 @@ def _train_in_process(out: Path, batch: int, max_steps: int, stop_at=None, resum
 
 
 # ---- fixtures: each run once per module ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def two_proc(tmp_path_factory):
-    """K steps in 2 processes with batch B each, through accelerate launch + the CLI."""
-    out = tmp_path_factory.mktemp("two_proc")
+def _run_two(out: Path, extra_env: Optional[dict] = None, resume_from: Optional[Path] = None,
+             max_steps: int = K, extra_args: tuple = (), exit_code: int = 0) -> dict:
+    """2 processes with batch B each, through accelerate launch + the CLI (resuming from a copy of `resume_from`)."""
     run_dir = out / "run"
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        shutil.copytree(resume_from, run_dir)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / CPU_2PROC),
            str(Path(__file__).resolve()), "--worker", str(out),
-           "train", "--config", TINY, "--output-dir", str(run_dir), "--max-steps", str(K),
-           "--train.batch_size", str(B), "--no-resume", *COMMON]
+           "train", "--config", TINY, "--output-dir", str(run_dir), "--max-steps", str(max_steps),
+           "--train.batch_size", str(B), *([] if resume_from else ["--no-resume"]), *COMMON, *extra_args]
     t0 = time.perf_counter()
-    code, stdout, stderr = _launch(cmd, LAUNCH_TIMEOUT, out)
+    code, stdout, stderr = _launch(cmd, LAUNCH_TIMEOUT, out, extra_env)
     seconds = time.perf_counter() - t0
     if code is None:
         stacks = "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(out.glob("stacks-rank*")))
         pytest.fail(f"2-process run did not finish in {LAUNCH_TIMEOUT} s - a hang (ranks waiting in different "
                     f"collectives?); all its processes were killed\nSTDOUT\n{stdout[-3000:]}\nWORKER STACKS\n{stacks}")
-    assert code == 0, f"exit {code}\nSTDOUT\n{stdout[-3000:]}\nSTDERR\n{stderr[-6000:]}"
+    assert code == exit_code, f"exit {code}\nSTDOUT\n{stdout[-3000:]}\nSTDERR\n{stderr[-6000:]}"
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2) if (out / f"rank{i}.json").exists()]
     # Snapshot the checkpoint before any test resumes from it.
     snapshot = out / "snapshot"
@@ -205,6 +279,18 @@ def two_proc(tmp_path_factory):
     print(f"2-process run: {seconds:.1f} s wall")
     return {"out": snapshot, "ranks": ranks, "seconds": seconds, "stdout": stdout, "stderr": stderr,
             "grads": [out / f"grads-rank{i}.safetensors" for i in range(2)]}
+
+
+@pytest.fixture(scope="module")
+def two_proc(tmp_path_factory):
+    """K steps in 2 processes (DDP) with batch B each."""
+    return _run_two(tmp_path_factory.mktemp("two_proc"))
+
+
+@pytest.fixture(scope="module")
+def fsdp_two_proc(tmp_path_factory):
+    """K steps in 2 processes under FSDP2 (configs/accelerate/fsdp.yaml's sharding, on CPU) with batch B each."""
+    return _run_two(tmp_path_factory.mktemp("fsdp_two_proc"), _fsdp_env())
 
 
 @pytest.fixture(scope="module")
@@ -216,39 +302,54 @@ def one_proc(tmp_path_factory):
     _train_in_process(out, 2 * B, 2 * K, stop_at=K, record=record)
     w_k = _weights(out, K)  # read now: the run below prunes old checkpoints
     metrics_k = _metrics(out)
+    at_k = shutil.copytree(out, out.parent / "at_k")  # the run as it stood at step K, for resuming elsewhere
     _train_in_process(out, 2 * B, 2 * K, resume=True)
     return {"out": out, "record": record, "w_k": w_k, "metrics_k": metrics_k, "w_2k": _weights(out, 2 * K),
-            "seconds": time.perf_counter() - t0, "grads": out / "grads-1proc.safetensors"}
+            "at_k": at_k, "seconds": time.perf_counter() - t0, "grads": out / "grads-1proc.safetensors"}
 
 
 # ---- the tests ---------------------------------------------------------------------------------------------------
 def test_two_processes_equal_one_process_with_the_global_batch(two_proc, one_proc):
+    # Really 2 ranks, on the CPU with gloo, DDP-wrapped (whole parameters), frozen large model outside the gradient.
+    for r in two_proc["ranks"]:
+        assert r["distributed_type"] == "DistributedType.MULTI_CPU" and r["wrapper"] == "DistributedDataParallel", r
+        assert r["sharded"] == ["Parameter"], r
+    _assert_equals_one_process(two_proc, one_proc)
+
+
+def test_fsdp_two_processes_equal_one_process_with_the_global_batch(fsdp_two_proc, one_proc):
+    # FSDP2 as configs/accelerate/fsdp.yaml sets it up: the trainable parameters are DTensor shards, the frozen large
+    # model is left whole (fsdp_ignored_modules: large) and never gets a gradient.
+    for r in fsdp_two_proc["ranks"]:
+        assert r["distributed_type"] == "DistributedType.FSDP" and r["wrapper"] == "FSDPLLMModules", r
+        assert r["sharded"] == ["DTensor"] and r["large_sharded"] == ["Parameter"], r
+    _assert_equals_one_process(fsdp_two_proc, one_proc)
+
+
+def _assert_equals_one_process(two: dict, one: dict) -> None:
     from safetensors.torch import load_file
 
     from llm_modules.__main__ import load_config, parse_overrides
     from llm_modules.model import LLMModules
 
-    # Really 2 ranks, on the CPU with gloo, DDP-wrapped, frozen large model outside the gradient.
-    ranks = two_proc["ranks"]
+    ranks = two["ranks"]
     assert sorted(r["rank"] for r in ranks) == [0, 1], ranks
     for r in ranks:
-        assert r["world"] == 2 and r["env_world"] == 2 and r["exit_code"] == 0, r
-        assert r["distributed_type"] == "DistributedType.MULTI_CPU" and r["backend"] == "gloo", r
-        assert r["wrapper"] == "DistributedDataParallel", r
+        assert r["world"] == 2 and r["env_world"] == 2 and r["exit_code"] == 0 and r["backend"] == "gloo", r
         assert not r["large_trainable"] and r["large_grads"] == 0 and r["grad_saved"] > 0, r
     assert ranks[0]["pid"] != ranks[1]["pid"]
 
-    # The first step's gradients, all-reduced, are those of one process over the whole global batch: the loss
-    # scaling (token sum / global token count, DDP's averaging undone) is exact, and each rank took its own slice.
-    g0, g1, g = (load_file(str(p)) for p in (*two_proc["grads"], one_proc["grads"]))
-    assert _max_diff(g0, g1)[0] == 0.0  # DDP leaves the same averaged gradient on every rank
+    # The first step's gradients, reduced, are those of one process over the whole global batch: the loss scaling
+    # (token sum / global token count, DDP's or FSDP's averaging undone) is exact, and each rank took its own slice.
+    g0, g1, g = (load_file(str(p)) for p in (*two["grads"], one["grads"]))
+    assert _max_diff(g0, g1)[0] == 0.0  # every rank ends with the same averaged gradient (whole, or gathered whole)
     assert g0.keys() == g.keys() and len(g) > 10
     for k in g:  # fp32 rounding differs (each rank pads its slice to its own length), nothing else
         diff, scale = (g0[k] - g[k]).abs().max().item(), g[k].abs().max().item()
         assert diff <= RTOL_GRAD * scale + 1e-8, (k, diff, scale)
 
     # Same losses (the reduced train loss and the token-weighted validation loss over uneven rank shares).
-    m2, m1 = _metrics(two_proc["out"]), one_proc["metrics_k"]
+    m2, m1 = _metrics(two["out"]), one["metrics_k"]
     assert [r["step"] for r in m2] == list(range(K + 1))
     assert [r["step"] for r in m1] == list(range(K + 1))
     assert [r["step"] for r in m2 if "val_loss" in r] == [r["step"] for r in m1 if "val_loss" in r] == [0, K]
@@ -259,7 +360,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(two_proc, one_pro
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
 
     # Same weights after K steps, and they did move from the initialization.
-    w2, w1 = _weights(two_proc["out"], K), one_proc["w_k"]
+    w2, w1 = _weights(two["out"], K), one["w_k"]
     _assert_same_weights(w2, w1, g)
     cfg = load_config(str(REPO / TINY), parse_overrides(COMMON))
     init = {n: p.detach() for n, p in LLMModules.from_config(cfg).trainable_named_parameters()}
@@ -267,9 +368,12 @@ def test_two_processes_equal_one_process_with_the_global_batch(two_proc, one_pro
     assert min(moved.values()) > 0 and max(moved.values()) > 100 * ATOL_W, moved  # every tensor trained
 
 
-def test_checkpoint_of_two_processes_resumes_in_one(two_proc, one_proc, tmp_path):
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_checkpoint_of_two_processes_resumes_in_one(wrapper, request, one_proc, tmp_path):
+    """Gathered whole (FSDP: from the shards) by every rank, written by the main one, read by a single process."""
     from safetensors.torch import load_file
 
+    two_proc = request.getfixturevalue({"ddp": "two_proc", "fsdp": "fsdp_two_proc"}[wrapper])
     out = tmp_path / "resumed"
     shutil.copytree(two_proc["out"], out)
     progress, lines = _train_in_process(out, 2 * B, 2 * K, resume=True)
@@ -280,6 +384,54 @@ def test_checkpoint_of_two_processes_resumes_in_one(two_proc, one_proc, tmp_path
     # K steps in 2 processes + K in 1 process (global batch 2B throughout) == 2K steps in 1 process.
     _assert_same_weights(_weights(out, 2 * K), one_proc["w_2k"], load_file(str(one_proc["grads"])))
     assert _max_diff(_weights(out, 2 * K), _weights(two_proc["out"], K))[0] > 100 * ATOL_W  # it did train on
+
+
+def test_one_process_checkpoint_resumes_sharded_in_two(one_proc, tmp_path):
+    """The other direction: whole tensors written by one process are scattered into FSDP shards by 2 processes."""
+    from safetensors.torch import load_file
+
+    two = _run_two(tmp_path, _fsdp_env(), resume_from=one_proc["at_k"], max_steps=2 * K)
+    assert all(r["sharded"] == ["DTensor"] and r["exit_code"] == 0 for r in two["ranks"]), two["ranks"]
+    assert f"resumed from" in two["stdout"] + two["stderr"]
+    assert [r["step"] for r in _metrics(two["out"])] == list(range(2 * K + 1))
+    _assert_same_weights(_weights(two["out"], 2 * K), one_proc["w_2k"], load_file(str(one_proc["grads"])))
+
+
+def test_two_process_resume_with_dropout_is_exact(tmp_path):
+    """Each rank's RNG state is saved and restored: with dropout on, K steps + resume + K steps in 2 processes give
+    bit for bit the weights of 2K uninterrupted steps (the ranks draw different masks, so rank 0's state alone would
+    not do)."""
+    dropout = ("--bridge.dropout", "0.2", "--small.config.resid_dropout", "0.2")
+    whole = _run_two(tmp_path / "whole", max_steps=2 * K, extra_args=dropout)
+    first = _run_two(tmp_path / "first", max_steps=K, extra_args=dropout)
+    resumed = _run_two(tmp_path / "resumed", resume_from=first["out"], max_steps=2 * K, extra_args=dropout)
+    assert "resumed from" in resumed["stdout"] + resumed["stderr"]
+    assert _max_diff(_weights(resumed["out"], 2 * K), _weights(whole["out"], 2 * K))[0] == 0.0
+
+
+def test_feature_cache_is_built_once_by_the_main_process(tmp_path):
+    """train.feature_cache: auto in 2 processes: rank 0 runs the large model to fill the cache while rank 1 waits,
+    then finds the cache complete and never loads the large model."""
+    two = _run_two(tmp_path, extra_args=("--train.feature_cache", "auto",
+                                         "--train.feature_cache_dir", str(tmp_path / "features")))
+    by_rank = {r["rank"]: r for r in two["ranks"]}
+    assert by_rank[0].get("built_features") is True and "built_features" not in by_rank[1], by_rank
+    assert not any(r["large_loaded"] for r in by_rank.values()), by_rank  # rank 0 released it after the build
+    assert "the large model is not loaded" not in two["stdout"] + two["stderr"]  # only rank 0 speaks, and it built
+    assert [r["step"] for r in _metrics(two["out"])] == list(range(K + 1))
+
+
+def test_failed_checkpoint_write_stops_every_process(tmp_path):
+    """The main process cannot write its checkpoint: it says why, and the other process stops too (with its own
+    short message) instead of waiting in the next collective."""
+    two = _run_two(tmp_path, {"LLM_MODULES_TEST_FULL_DISK": "1"}, exit_code=1)
+    by_rank = {r["rank"]: r for r in two["ranks"]}
+    assert by_rank[0]["exit_code"] == by_rank[1]["exit_code"] == 2, by_rank  # UserError: exit 2, no traceback
+    err = two["stderr"]
+    assert f"could not save the checkpoint of step {K}" in err and "No space left on device" in err, err[-3000:]
+    assert "process 1: stopping, the main process could not save the checkpoint" in err, err[-3000:]
+    assert "llm_modules/" not in err, err[-3000:]  # no traceback from the workers (the launcher prints its own)
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
 
 
 # ---- accelerate configs ----------------------------------------------------------------------------------------
@@ -319,16 +471,12 @@ def test_accelerate_config_parses_and_validates(name):
 
 def test_fsdp_config_builds_the_plugin_each_process_would(monkeypatch):
     """fsdp.yaml -> the environment `accelerate launch` gives each process -> accelerate's FSDP plugin: FSDP2, block
-    auto-wrap on a class that exists (a typo would wrap nothing), the large model ignored. (FSDP itself needs GPUs:
-    with ACCELERATE_USE_CPU=1 accelerate falls back to DDP, so it is not run here.)"""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    auto-wrap on a class that exists (a typo would wrap nothing), the large model ignored. (The FSDP tests above
+    train with it.)"""
     from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.launch import prepare_multi_gpu_env
     from transformers.models.gpt_neo import modeling_gpt_neo
 
-    path = REPO / "configs/accelerate/fsdp.yaml"
-    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), "x.py"]))
-    env = prepare_multi_gpu_env(args)
+    env = _fsdp_launch_env()
     for k, v in env.items():
         if k.startswith(("FSDP_", "ACCELERATE_")):
             monkeypatch.setenv(k, v)
