@@ -197,6 +197,10 @@ def fit(run: Run, stop_at: Optional[int] = None) -> Progress:
         bar.close()
     if p.step and p.step != run.saved_step:  # not a file check: other ranks must not race the main one's write
         save_checkpoint(run, best=False)
+    # A barrier before the process group goes: its worker threads must be done with the last object broadcast, whose
+    # Python-owned tensors they free under the GIL, or freeing the DDP model can deadlock (seen with gloo: the main
+    # thread joins a worker that waits for the GIL the main thread holds).
+    acc.wait_for_everyone()
     acc.end_training()
     plot_losses(run)
     return p
