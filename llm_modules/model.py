@@ -28,6 +28,7 @@ from .prompt_coupling import PromptBridge, attach, block_list
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_tensors, save_tensors
 from .config import LLMModulesConfig
 from .errors import UserError, collect
+from .row_split import split_rows
 from .kv_cache import LLMModulesCache
 
 # The trainable part, by top-level submodule; the optimizer, the checkpoint and the tests use this one definition.
@@ -98,6 +99,7 @@ class LLMModules(nn.Module):
         self.position_limits = {"small": learned_position_limit(small)}
         if self.large is not None:
             self.position_limits["large"] = learned_position_limit(large)
+        split_rows(self)  # one-token steps use every CPU thread (row_split.py); nothing else changes
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod

@@ -15,8 +15,17 @@ def _step_logits(model, ids, mask, use_cache, n=12):
     return [s.logits for s in stream(model, ids, mask, SamplingConfig(max_new_tokens=n), use_cache=use_cache)]
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """With 2 threads, one-row steps take row_split's bmm path; with 1, plain linear."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("large,small", PAIRS)
-def test_cached_logits_equal_recompute_batch_1(large, small):
+def test_cached_logits_equal_recompute_batch_1(large, small, threads):
     model = build(large=large, small=small)
     ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(0))
     cached, full = _step_logits(model, ids, None, True), _step_logits(model, ids, None, False)
