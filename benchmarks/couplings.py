@@ -11,7 +11,6 @@ stops early (no eos), so both decode exactly --new-tokens tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, machine  # noqa: E402
+from common import describe_machine, machine, write_json  # noqa: E402
 
 from llm_modules.__main__ import load_config  # noqa: E402
 from llm_modules.backbones import resolve_path  # noqa: E402
@@ -77,7 +76,7 @@ def main() -> int:
         print(f"| {name} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.2f} |")
     print(f"prompt coupling decodes {ratio:.1f}x faster than the stream coupling (target >= 5x)")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
     return 0
 
 

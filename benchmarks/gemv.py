@@ -10,9 +10,8 @@ is timed alone. Prints the best of --repeats passes as ms and GB/s of weights re
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import set_threads
+from common import set_threads, table, time_call
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +21,7 @@ HEAD = (151936, 256)
 
 
 def best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(time_call(fn, repeats))
 
 
 def main() -> None:
@@ -43,8 +36,7 @@ def main() -> None:
               "head 256 x 151936": [torch.nn.Linear(HEAD[1], HEAD[0], bias=False)]}
     xs = {n: torch.randn(1, n) for n in (256, 896, 4864)}
     big = torch.randn(1_400_000_000 // 4)
-    print("| threads | weights | GB | F.linear ms | F.linear GB/s | RowSplitLinear ms | RowSplitLinear GB/s | speedup |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for n in (int(t) for t in a.threads.split(",")):
         set_threads(n)
         for name, layers in stacks.items():
@@ -56,10 +48,12 @@ def main() -> None:
                 split = best_of(lambda: [m(xs[m.in_features]) for m in layers], a.repeats)
                 for m in layers:
                     m.__class__ = torch.nn.Linear
-            print(f"| {n} | {name} | {gb:.2f} | {plain * 1e3:.1f} | {gb / plain:.1f} | {split * 1e3:.1f} | "
-                  f"{gb / split:.1f} | {plain / split:.2f}x |", flush=True)
+            rows.append([n, name, f"{gb:.2f}", f"{plain * 1e3:.1f}", f"{gb / plain:.1f}", f"{split * 1e3:.1f}",
+                         f"{gb / split:.1f}", f"{plain / split:.2f}x"])
         t = best_of(big.sum, a.repeats)
-        print(f"| {n} | `sum` of 1.40 GB (memory read) | 1.40 | {t * 1e3:.1f} | {1.4 / t:.1f} | - | - | - |", flush=True)
+        rows.append([n, "`sum` of 1.40 GB (memory read)", "1.40", f"{t * 1e3:.1f}", f"{1.4 / t:.1f}", "-", "-", "-"])
+    print(table(rows, ["threads", "weights", "GB", "F.linear ms", "F.linear GB/s", "RowSplitLinear ms",
+                       "RowSplitLinear GB/s", "speedup"]))
 
 
 if __name__ == "__main__":

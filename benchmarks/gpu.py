@@ -40,7 +40,6 @@ CUDA device is missing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -433,10 +432,10 @@ def main(argv=None) -> int:
     result = run(args)
     print(report(result))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        log(f"wrote {out}")
+        from common import write_json  # benchmarks/common.py (this script's folder is on sys.path)
+
+        write_json(args.out, result)
+        log(f"wrote {args.out}")
     return 0
 
 

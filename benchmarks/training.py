@@ -10,7 +10,6 @@ so the per-epoch figures are per N batches; the ratio is what matters.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, machine  # noqa: E402
+from common import describe_machine, machine, write_json  # noqa: E402
 
 from llm_modules.__main__ import load_config  # noqa: E402
 from llm_modules import features  # noqa: E402
@@ -86,7 +85,7 @@ def main() -> int:
     print(f"  cache build (once) {build_s:8.1f} s  (train + val splits)")
     print(f"  cached features    {cached_s:8.1f} s / epoch   -> {live_s / cached_s:.1f}x faster after the first epoch")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
     return 0
 
 
