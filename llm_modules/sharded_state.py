@@ -42,8 +42,9 @@ def scatter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: d
 
 def match_layouts(optimizer: torch.optim.Optimizer) -> None:
     """Give loaded optimizer state its parameter's strides (checkpoints hold contiguous tensors; some parameters are
-    column-major, see row_split.py). Same values; without it, AdamW's foreach step takes a path that rounds
-    differently, and a resumed run drifts from an uninterrupted one."""
+    column-major, see row_split.py). Same values; without it a resumed run was no longer bit-identical to an
+    uninterrupted one (tests/test_train.py::test_resume_is_exact): AdamW's step rounds differently when a parameter
+    and its state have different strides."""
     for p, st in optimizer.state.items():
         if type(p.data) is not torch.Tensor:  # DTensor shards (FSDP) are contiguous already
             continue
