@@ -217,13 +217,14 @@ def timed_once(fn, arg) -> float:
 
 # ---- 2. full recompute (the reference's method) -----------------------------------------------------------------
 class Layouts:
-    """row_split stores wide weights column-major for one-row products; a full-recompute step makes many-row products
-    only, so it is also timed with every weight row-major (nn.Linear's own layout) and the faster time counts."""
+    """row_split stores frozen wide weights column-major for one-row products; a full-recompute step makes many-row
+    products only, so it is also timed with those weights row-major (nn.Linear's own layout), the faster time
+    counting."""
 
     def __init__(self, model):
-        from llm_modules.row_split import RowSplitLinear, is_wide
+        from llm_modules.row_split import is_column_major
 
-        self.weights = [m.weight for m in model.modules() if isinstance(m, RowSplitLinear) and is_wide(m)]
+        self.weights = [p for p in model.parameters() if p.dim() == 2 and is_column_major(p)]
 
     @contextlib.contextmanager
     def row_major(self):
@@ -531,6 +532,7 @@ def bench_config(path: str, a: argparse.Namespace) -> dict:
 
     from llm_modules.config import LLMModulesConfig
     from llm_modules.model import LLMModules
+    from llm_modules.row_split import decode_layout
 
     log(f"== {path}")
     load0 = load_average()
@@ -561,11 +563,14 @@ def bench_config(path: str, a: argparse.Namespace) -> dict:
     log("cached decoding (combined model)")
     res["cached"] = bench_cached(model, prompt, N, a.repeats, not a.no_breakdown)
     tokens = res["cached"]["tokens"]
-    if a.full_recompute != "off":
-        log(f"full recompute ({a.full_recompute})")
-        res["full_recompute"] = bench_full(model, prompt, tokens, N, a.repeats, a.full_recompute, a.full_points)
-    log("floor (cached large step + cached small step + head)")
-    res["floor"] = bench_floor(model, prompt, tokens, N, a.floor_repeats, a.repeats)
+    # The paired cached steps and the floor call the model's parts directly, outside stream: give them the
+    # column-major copies stream decodes with (made once here; stream's own copy is inside the cached timings).
+    with decode_layout(model):
+        if a.full_recompute != "off":
+            log(f"full recompute ({a.full_recompute})")
+            res["full_recompute"] = bench_full(model, prompt, tokens, N, a.repeats, a.full_recompute, a.full_points)
+        log("floor (cached large step + cached small step + head)")
+        res["floor"] = bench_floor(model, prompt, tokens, N, a.floor_repeats, a.repeats)
     if a.profile:
         log(f"profiler ({a.profile} decode steps)")
         res["profile"] = run_profile(model, prompt, a.profile)

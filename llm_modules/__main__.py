@@ -161,8 +161,12 @@ def cmd_cache_features(args, extra) -> int:
 
 def _load_for_generation(args):
     from .model import LLMModules
+    from .row_split import split_rows
 
     model = LLMModules.from_pretrained(resolve_checkpoint(args.checkpoint)).eval()
+    # Only generates in this process: frozen whole, so split_rows stores every wide weight column-major once (the
+    # trainable ones included), instead of stream copying them for each answer (row_split.py).
+    split_rows(model.requires_grad_(False))
     if model.tokenizer is None:
         raise UserError(f"{args.checkpoint}: this model has no tokenizer, so it cannot read text prompts")
     return model

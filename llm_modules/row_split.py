@@ -7,22 +7,26 @@ and benchmarks/gemv.py measures both:
 * PyTorch's CPU `linear` runs a one-row product on one thread: on the 2-core development machine it streams the
   weights at the same ~14 GB/s with 1 or 2 threads set. `bmm` over the weight viewed as `p` blocks of outputs (no
   copy) hands the blocks to different threads, and each output is the same dot product as before.
-* For a "wide" weight (many more outputs than inputs: the 256 x 151,936 head, the 896 -> 4864 MLP gate and up
-  projections) the product reads faster from a column-major weight, where one input's row of weights is contiguous
-  (an axpy over the outputs), than from the usual row-major one (one short dot product per output). So `split_rows`
-  stores weights with out_features >= WIDE_RATIO * in_features column-major: the parameter keeps its shape
-  (out, in), its values and its name; only its strides change (`weight.t()` is contiguous). Products over many
-  rows (prefill, training, full recompute) run as fast either way (measured: benchmarks/gemv.py, `--rows`).
+* A "wide" weight (out_features >= WIDE_RATIO * in_features: the 256 x 151,936 head, the 896 -> 4864 MLP gate and
+  up projections) is read faster for one row from a column-major layout, where one input's weights for all outputs
+  are contiguous (an axpy over the outputs), than row-major (one short dot product per output). So:
+  - frozen wide weights are stored column-major by `split_rows` (same Parameter, shape, values and name; only the
+    strides change). Products over many rows (prefill, full recompute) run as fast either way;
+  - trainable wide weights stay row-major, so training, its optimizer state and FSDP (which shards contiguous
+    parameters only) see plain parameters; `decode_layout` gives them a column-major copy while a generation runs.
 
-Inputs with more than one row and non-CPU tensors take plain `F.linear`.
+Inputs with more than one row, and non-CPU tensors, take plain `F.linear` on the parameter itself.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-WIDE_RATIO = 4  # out_features >= 4 * in_features: column-major (measured on Zen 4, benchmarks/gemv.py)
+WIDE_RATIO = 4  # out_features >= 4 * in_features: column-major for one row (measured on Zen 4, benchmarks/gemv.py)
 
 
 def row_blocks(out_features: int, threads: int) -> int:
@@ -34,7 +38,7 @@ def row_blocks(out_features: int, threads: int) -> int:
     return p
 
 
-def output_blocks(weight: torch.Tensor, p: int):
+def output_blocks(weight: torch.Tensor, p: int) -> Optional[torch.Tensor]:
     """The weight (out, in) as p blocks of outputs, (p, in, out / p), without a copy; None for other layouts.
     Block i holds outputs [i * out / p, (i + 1) * out / p)."""
     out_features, in_features = weight.shape
@@ -48,13 +52,16 @@ def output_blocks(weight: torch.Tensor, p: int):
 class RowSplitLinear(nn.Linear):
     """nn.Linear whose single-row CPU forward runs as a `bmm` over blocks of outputs, one per thread."""
 
+    decode_weight: Optional[torch.Tensor] = None  # column-major copy of the weight, set by decode_layout only
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[:-1].numel() != 1 or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
+        w = self.weight if self.decode_weight is None or torch.is_grad_enabled() else self.decode_weight
         p = row_blocks(self.out_features, torch.get_num_threads())
-        blocks = output_blocks(self.weight, p) if p > 1 else None
+        blocks = output_blocks(w, p) if p > 1 else None
         if blocks is None:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, w, self.bias)
         # (p, 1, in) @ (p, in, out / p) -> (p, 1, out / p) -> the outputs in order
         y = torch.bmm(x.reshape(1, 1, self.in_features).expand(p, 1, self.in_features), blocks)
         y = y.reshape(*x.shape[:-1], self.out_features)
@@ -65,6 +72,10 @@ def is_wide(linear: nn.Linear) -> bool:
     return linear.out_features >= WIDE_RATIO * linear.in_features
 
 
+def is_column_major(weight: torch.Tensor) -> bool:
+    return weight.t().is_contiguous() and not weight.is_contiguous()
+
+
 @torch.no_grad()
 def column_major(weight: nn.Parameter) -> None:
     """Store a 2-D parameter column-major in place: same Parameter object, shape and values; new strides."""
@@ -73,20 +84,38 @@ def column_major(weight: nn.Parameter) -> None:
 
 
 @torch.no_grad()
-def row_major(params) -> None:
-    """Make parameters contiguous again, in place (same Parameter objects and values): FSDP2 shards contiguous
-    parameters only."""
-    for w in params:
+def row_major(weights) -> None:
+    """Store 2-D parameters row-major (contiguous) again, in place: same Parameter objects and values."""
+    for w in weights:
         if not w.is_contiguous():
             w.data = w.data.contiguous()
 
 
 def split_rows(module: nn.Module) -> nn.Module:
-    """Make every plain nn.Linear inside `module` a RowSplitLinear, in place, and store the wide ones' weights
-    column-major (values untouched). Call it before an optimizer is built over the parameters."""
+    """Make every plain nn.Linear inside `module` a RowSplitLinear, in place, and store the frozen wide ones'
+    weights column-major (values untouched). Freeze what is frozen before calling it."""
     for m in module.modules():
         if type(m) is nn.Linear:
             m.__class__ = RowSplitLinear
-        if type(m) is RowSplitLinear and is_wide(m):
+        if type(m) is RowSplitLinear and is_wide(m) and not m.weight.requires_grad:
             column_major(m.weight)
     return module
+
+
+@contextlib.contextmanager
+def decode_layout(module: nn.Module) -> Iterator[None]:
+    """While decoding on CPU: a column-major copy of every wide weight not stored that way (the trainable ones), used
+    by one-row products under no_grad, dropped on exit. Costs one copy of those weights in time and memory (the
+    default head: 0.16 GB, about 0.14 s on 2 threads); nested uses share the outer copies."""
+    made = []
+    with torch.no_grad():
+        for m in module.modules():
+            if (type(m) is RowSplitLinear and is_wide(m) and m.decode_weight is None and m.weight.device.type == "cpu"
+                    and not is_column_major(m.weight)):
+                m.decode_weight = m.weight.detach().t().contiguous().t()
+                made.append(m)
+    try:
+        yield
+    finally:
+        for m in made:
+            m.decode_weight = None

@@ -37,20 +37,6 @@ def scatter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: d
     # Both setters rewrite the dicts they are given (names, DTensor conversion): give them copies.
     set_model_state_dict(model, dict(weights), options=_SCATTER)
     set_optimizer_state_dict(model, optimizer, copy.deepcopy(optim_state), options=_SCATTER)
-    match_layouts(optimizer)
-
-
-def match_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Give loaded optimizer state its parameter's strides (checkpoints hold contiguous tensors; some parameters are
-    column-major, see row_split.py). Same values; without it a resumed run was no longer bit-identical to an
-    uninterrupted one (tests/test_train.py::test_resume_is_exact): AdamW's step rounds differently when a parameter
-    and its state have different strides."""
-    for p, st in optimizer.state.items():
-        if type(p.data) is not torch.Tensor:  # DTensor shards (FSDP) are contiguous already
-            continue
-        for k, v in st.items():
-            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list]:

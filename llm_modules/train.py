@@ -28,7 +28,6 @@ from .errors import UserError
 from . import features as features_mod
 from . import sharded_state
 from .model import LLMModules, load_model_tokenizer, load_small_tokenizer
-from .row_split import row_major
 
 
 @dataclass
@@ -70,7 +69,7 @@ class Run:
 
 # ---- setup ----------------------------------------------------------------------------------------------------
 def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optional[LLMModules] = None) -> Run:
-    from accelerate import Accelerator, DistributedType
+    from accelerate import Accelerator
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     t = cfg.train
@@ -96,8 +95,6 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     batches = LengthGroupedBatches([len(e) for e in data.train], global_batch, seed=t.seed)
     steps_per_epoch = max(1, len(batches) // t.grad_accum)
     max_steps = min(t.max_steps, steps_per_epoch * t.epochs) if t.max_steps is not None else steps_per_epoch * t.epochs
-    if accelerator.distributed_type == DistributedType.FSDP:
-        row_major(p for _, p in model.trainable_named_parameters())  # FSDP2 refuses column-major (row_split.py)
     optimizer = make_optimizer(model.param_groups(t.lr_bridge, t.lr_small, t.weight_decay))
     make = get_cosine_schedule_with_warmup if t.schedule == "cosine" else get_constant_schedule_with_warmup
     kwargs = {"num_training_steps": max(1, max_steps)} if t.schedule == "cosine" else {}

@@ -2,6 +2,7 @@
 import io
 
 import pytest
+import torch
 
 import llm_modules.prompts as prompts
 from llm_modules import LLMModules, LLMModulesConfig
@@ -58,3 +59,19 @@ def test_weights_list_and_unknown_name(capsys):
     assert "qwen2.5-coder-1.5b-instruct" in capsys.readouterr().out
     assert main(["weights", "fetch", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+def test_generation_only_models_store_every_wide_weight_column_major(ckpt):
+    """generate / chat never train: the model is frozen whole and its wide weights laid out for decoding once, so
+    stream makes no per-answer copies (row_split.py)."""
+    import argparse
+
+    from llm_modules.__main__ import _load_for_generation
+    from llm_modules.row_split import RowSplitLinear, is_column_major, is_wide
+
+    model = _load_for_generation(argparse.Namespace(checkpoint=str(ckpt)))
+    wide = [m for m in model.modules() if isinstance(m, RowSplitLinear) and is_wide(m)]
+    assert wide and all(is_column_major(m.weight) for m in wide)
+    assert not any(p.requires_grad for p in model.parameters())
+    saved = LLMModules.from_pretrained(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values()))

@@ -74,7 +74,7 @@ def _instrument(record: dict, grads_path: Path) -> None:
         def clip(parameters, *a, **k):
             parameters = list(parameters)
             if "grad_saved" not in record:
-                grads = {n: _whole(p.grad).detach().contiguous() for n, p in model.trainable_named_parameters()
+                grads = {n: _whole(p.grad).detach().clone() for n, p in model.trainable_named_parameters()
                          if p.grad is not None}
                 save_file(grads, str(grads_path))
                 record["grad_saved"] = len(grads)

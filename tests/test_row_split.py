@@ -1,5 +1,6 @@
 """row_split: one-row CPU linears as a bmm over blocks of outputs equal nn.Linear, whichever layout the weight has;
-wide weights are stored column-major with the same values; everything else is nn.Linear itself."""
+frozen wide weights are stored column-major with the same values, trainable ones get a column-major copy only while
+decoding; everything else is nn.Linear itself."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +8,8 @@ from tiny import tiny_config
 from torch import nn
 
 from llm_modules import LLMModules
-from llm_modules.row_split import WIDE_RATIO, RowSplitLinear, row_blocks, row_major, split_rows
-from llm_modules.sharded_state import match_layouts
+from llm_modules.generate import SamplingConfig, stream
+from llm_modules.row_split import WIDE_RATIO, RowSplitLinear, decode_layout, is_wide, row_blocks, row_major, split_rows
 
 
 @pytest.fixture
@@ -26,19 +27,22 @@ def test_row_blocks_divide_evenly():
 @pytest.mark.parametrize("n_threads", [1, 2, 3, 4])
 @pytest.mark.parametrize("out_features,in_features,bias",
                          [(12, 5, True), (96, 32, False), (7, 3, True), (40, 8, True), (150, 10, False)])
-def test_one_row_equals_linear(n_threads, out_features, in_features, bias, threads):
+@pytest.mark.parametrize("frozen", [False, True])
+def test_one_row_equals_linear(n_threads, out_features, in_features, bias, frozen, threads):
     threads(n_threads)
     torch.manual_seed(0)
-    lin = nn.Linear(in_features, out_features, bias=bias)
+    lin = nn.Linear(in_features, out_features, bias=bias).requires_grad_(not frozen)
     ref = lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone()
     split_rows(lin)
     assert isinstance(lin, RowSplitLinear) and isinstance(lin, nn.Linear)
-    wide = out_features >= WIDE_RATIO * in_features
-    assert lin.weight.t().is_contiguous() == wide and lin.weight.is_contiguous() == (not wide)
+    column = frozen and out_features >= WIDE_RATIO * in_features  # only frozen wide weights change layout
+    assert lin.weight.t().is_contiguous() == column and lin.weight.is_contiguous() == (not column)
     assert torch.equal(lin.weight, ref[0])  # same values, whatever the layout
     for shape in [(in_features,), (1, in_features), (1, 1, in_features)]:
         x = torch.randn(shape)
         torch.testing.assert_close(lin(x), F.linear(x, *ref), atol=1e-6, rtol=1e-6)
+    if frozen:
+        return
     # Gradients too (a one-row batch can occur in training).
     x = torch.randn(1, 1, in_features, requires_grad=True)
     lin(x).square().sum().backward()
@@ -58,7 +62,7 @@ def test_several_rows_are_plain_linear_bit_for_bit(threads):
 def test_several_rows_through_a_column_major_weight(threads):
     threads(2)
     torch.manual_seed(0)
-    lin = nn.Linear(8, 64)
+    lin = nn.Linear(8, 64).requires_grad_(False)
     w = lin.weight.detach().clone()
     split_rows(lin)
     assert lin.weight.t().is_contiguous()
@@ -66,16 +70,48 @@ def test_several_rows_through_a_column_major_weight(threads):
     torch.testing.assert_close(lin(x), F.linear(x, w, lin.bias), atol=1e-6, rtol=1e-6)
 
 
-def test_row_major_and_optimizer_state_follow_the_parameter():
-    lin = split_rows(nn.Linear(4, 32))
+def test_trainable_wide_weights_get_a_column_major_copy_only_while_decoding(threads):
+    threads(2)
+    torch.manual_seed(0)
+    lin = split_rows(nn.Linear(8, 64))
     w = lin.weight
-    opt = torch.optim.AdamW(lin.parameters())
-    opt.state[w] = {"step": torch.tensor(1.0), "exp_avg": torch.randn(32, 4), "exp_avg_sq": torch.rand(32, 4)}
-    saved = {k: v.clone() for k, v in opt.state[w].items()}
-    match_layouts(opt)  # a loaded checkpoint holds contiguous tensors: give them the parameter's strides
-    for k in ("exp_avg", "exp_avg_sq"):
-        assert opt.state[w][k].stride() == w.stride() and torch.equal(opt.state[w][k], saved[k])
+    assert w.is_contiguous() and lin.decode_weight is None  # trainable: untouched by split_rows
+    x = torch.randn(1, 8)
+    with decode_layout(lin):
+        copy = lin.decode_weight
+        assert copy.t().is_contiguous() and torch.equal(copy, w) and not copy.requires_grad
+        with decode_layout(lin):  # nested: the outer copy is shared, and kept when the inner one exits
+            assert lin.decode_weight is copy
+        assert lin.decode_weight is copy
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), F.linear(x, w, lin.bias), atol=1e-6, rtol=1e-6)
+        lin(x).sum().backward()  # with gradients on, the parameter itself is used
+        assert w.grad is not None
+    assert lin.decode_weight is None
+    frozen = split_rows(nn.Linear(8, 64).requires_grad_(False))
+    with decode_layout(frozen):
+        assert frozen.decode_weight is None  # stored column-major already: no copy
+
+
+def test_stream_decodes_batch_one_through_the_copies():
+    model = LLMModules.from_config(tiny_config()).eval()
+    wide = [m for m in model.modules() if isinstance(m, RowSplitLinear) and is_wide(m) and m.weight.requires_grad]
+    assert wide
+    it = stream(model, torch.tensor([[3, 4, 5]]), sampling=SamplingConfig(max_new_tokens=3))
+    next(it)
+    assert all(m.decode_weight is not None for m in wide)
+    list(it)
+    assert all(m.decode_weight is None for m in wide)
+    it = stream(model, torch.tensor([[3, 4, 5], [6, 7, 8]]), sampling=SamplingConfig(max_new_tokens=2))
+    next(it)
+    assert all(m.decode_weight is None for m in wide)  # batch > 1: no one-row products, no copies
+
+
+def test_row_major_restores_the_layout():
+    lin = split_rows(nn.Linear(4, 32).requires_grad_(False))
+    w = lin.weight
     values = w.detach().clone()
+    assert not w.is_contiguous()
     row_major([w])
     assert lin.weight is w and w.is_contiguous() and torch.equal(w, values)
 
