@@ -1,6 +1,6 @@
 """One-row products (the cached decode step's kernels) on CPU: plain `F.linear` vs row_split's `RowSplitLinear`, on 1
 and on N threads, next to how fast a plain reduction reads memory; then, per weight shape, the two layouts
-`RowSplitLinear` can read (row-major, and column-major as `split_rows` stores wide weights), for one row and for
+`RowSplitLinear` can read (row-major, and column-major as decoding reads wide weights), for one row and for
 --rows rows. Random weights, no model download.
 
     python benchmarks/gemv.py [--threads 1,2] [--repeats 7] [--rows 256]
@@ -81,7 +81,7 @@ def layout_table(stacks: dict, threads: list[int], repeats: int, n_rows: int) ->
                          f"{t[False][0] * 1e3:.2f}", f"{t[True][0] * 1e3:.2f}", f"{t[False][0] / t[True][0]:.2f}x",
                          f"{t[False][1] * 1e3:.1f}", f"{t[True][1] * 1e3:.1f}"])
             split_rows(torch.nn.ModuleList(layers))  # back to the chosen layout
-    return table(rows, ["threads", "weight (out x in)", "matrices", "split_rows stores", "1 row, row-major ms",
+    return table(rows, ["threads", "weight (out x in)", "matrices", "decoded as", "1 row, row-major ms",
                         "1 row, column-major ms", "row / column", f"{n_rows} rows x 4 matrices, row-major ms",
                         "column-major ms"])
 
