@@ -62,7 +62,7 @@ def layout_table(stacks: dict, threads: list[int], repeats: int, n_rows: int) ->
     """Per shape (all 24 matrices of it, or the head): RowSplitLinear over a row-major vs a column-major weight."""
     from llm_modules.row_split import is_wide, split_rows
 
-    groups = {f"{o} x {i}": [m for m in stacks["0.5B layer stack"][k::len(LAYER)]] for k, (o, i) in enumerate(LAYER)
+    groups = {f"{o} x {i}": stacks["0.5B layer stack"][k::len(LAYER)] for k, (o, i) in enumerate(LAYER)
               if k in (0, 1, 4, 6)}  # q (o alike), k (v alike), gate (up alike), down
     groups[f"head {HEAD[0]} x {HEAD[1]}"] = stacks["head 256 x 151936"]
     rows = []
@@ -71,16 +71,15 @@ def layout_table(stacks: dict, threads: list[int], repeats: int, n_rows: int) ->
         for name, layers in groups.items():
             split_rows(torch.nn.ModuleList(layers))
             one, many = torch.randn(1, layers[0].in_features), torch.randn(n_rows, layers[0].in_features)
-            t = {}
+            t = {col: [float("inf"), float("inf")] for col in (False, True)}  # (1 row, many rows) per layout
             for col in (False, True, False, True):  # interleaved: each layout's best of two rounds
                 set_layout(layers, col)
-                t1 = best_of(lambda: [m(one) for m in layers], repeats)
-                tn = best_of(lambda: [m(many) for m in layers[:4]], max(2, repeats // 3))
-                t[col] = (min(t1, t.get(col, (t1, tn))[0]), min(tn, t.get(col, (t1, tn))[1]))
+                t[col][0] = min(t[col][0], best_of(lambda: [m(one) for m in layers], repeats))
+                t[col][1] = min(t[col][1], best_of(lambda: [m(many) for m in layers[:4]], max(2, repeats // 3)))
+            set_layout(layers, is_wide(layers[0]))  # back to the layout decoding reads
             rows.append([n, name, len(layers), "column" if is_wide(layers[0]) else "row",
                          f"{t[False][0] * 1e3:.2f}", f"{t[True][0] * 1e3:.2f}", f"{t[False][0] / t[True][0]:.2f}x",
                          f"{t[False][1] * 1e3:.1f}", f"{t[True][1] * 1e3:.1f}"])
-            split_rows(torch.nn.ModuleList(layers))  # back to the chosen layout
     return table(rows, ["threads", "weight (out x in)", "matrices", "decoded as", "1 row, row-major ms",
                         "1 row, column-major ms", "row / column", f"{n_rows} rows x 4 matrices, row-major ms",
                         "column-major ms"])

@@ -99,7 +99,8 @@ class LLMModules(nn.Module):
         self.position_limits = {"small": learned_position_limit(small)}
         if self.large is not None:
             self.position_limits["large"] = learned_position_limit(large)
-        split_rows(self)  # one-token steps use every CPU thread (row_split.py); nothing else changes
+        # one-token steps use every CPU thread, frozen wide weights are stored column-major (row_split.py)
+        split_rows(self)
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
