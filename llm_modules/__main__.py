@@ -104,6 +104,11 @@ def cmd_eval(args, extra) -> int:
     from .model import LLMModules
     from .train import load_data
 
+    if args.task:
+        return _eval_tasks(args)
+    if args.large_only or args.limit or args.data_dir:
+        raise UserError("--large-only, --limit and --data-dir go with --task NAME (benchmarks); see llm-modules "
+                        "eval --help")
     if args.harness_tasks:  # lm-evaluation-harness tasks (hellaswag, arc_easy, gsm8k, ... or local YAML tasks)
         from lm_eval.utils import make_table
 
@@ -115,13 +120,14 @@ def cmd_eval(args, extra) -> int:
     model = LLMModules.from_pretrained(resolve_checkpoint(args.checkpoint)).eval()
     cfg = model.config
     if args.data:  # evaluate every record of this file / dataset (nothing is split off)
-        cfg = cfg.replace(data={"path": args.data, "reasoning_gym_tasks": [], "val_path": args.data,
+        cfg = cfg.replace(data={"path": args.data, "reasoning_gym_tasks": [], "benchmarks": [], "val_path": args.data,
                                 "hub_split": args.split, "max_examples": args.max_examples})
     data, _ = load_data(cfg, model, log=lambda *a: None)
     examples = data.val if data.val else data.train
     examples = examples[: args.max_examples] if args.max_examples else examples
     loss = heldout_loss(model, examples)
-    rows = answer_accuracy(model, examples, max_new_tokens=args.max_new_tokens) if args.max_new_tokens else []
+    budget = 256 if args.max_new_tokens is None else args.max_new_tokens
+    rows = answer_accuracy(model, examples, max_new_tokens=budget) if budget else []
     if args.out:
         atomic_write_text(Path(args.out), "".join(json.dumps(r) + "\n" for r in rows))
     correct = sum(r["correct"] for r in rows)
@@ -131,6 +137,25 @@ def cmd_eval(args, extra) -> int:
     scored = [r["task_score"] for r in rows if "task_score" in r]
     if scored:
         print(f"reasoning-gym's own scorers: mean score {sum(scored) / len(scored):.3f} over {len(scored)} answers")
+    return 0
+
+
+def _eval_tasks(args) -> int:
+    """`eval --task`: benchmarks (tasks.py) on a checkpoint or its large model alone; a table, JSONL and summary."""
+    import json
+
+    from .checkpoint import atomic_write_json, atomic_write_text
+    from .tasks import default_out, evaluate_tasks, parse_task_names, summary_path, table
+
+    names = parse_task_names(args.task)
+    out = Path(args.out) if args.out else default_out(args.checkpoint, args.large_only)
+    rows, summaries = evaluate_tasks(args.checkpoint, names, large_only=args.large_only, data_dir=args.data_dir,
+                                     limit=args.limit, batch_size=args.batch_size,
+                                     max_new_tokens=args.max_new_tokens)
+    print(table(summaries))
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(summary_path(out), summaries)
+    print(f"wrote {out} (one line per item) and {summary_path(out)}")
     return 0
 
 
@@ -295,13 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-nonfinite", type=int, help="tolerate up to N steps with a non-finite loss")
     p.set_defaults(func=cmd_train, extra_ok=True)
 
-    p = sub.add_parser("eval", help="held-out loss / perplexity and exact-match accuracy of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("eval", help="benchmarks (--task), or held-out loss / perplexity / exact match of a checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="a save_pretrained or training output directory (with --large-only also a config YAML)")
+    p.add_argument("--task", help="benchmarks, comma-separated: facts, gsm8k, math500, hellaswag, arc_easy, "
+                                  "arc_challenge (protocols: docs/benchmarks-tasks.md)")
+    p.add_argument("--large-only", action="store_true",
+                   help="--task: the checkpoint's large model alone, its own LM head and chat template")
+    p.add_argument("--limit", type=int, help="--task: the first N items of each task (a fixed, documented order)")
+    p.add_argument("--data-dir", help="--task: folder of gsm8k/, hellaswag/, arc/, facts/, math500/ (default "
+                                      "$LLM_MODULES_DATA, else ../shared/data); `hub` for the usual dataset ids")
+    p.add_argument("--batch-size", type=int, default=16, help="--task: prompts decoded or scored together")
     p.add_argument("--data", help="a file or dataset id to evaluate (default: the checkpoint's own held-out split)")
     p.add_argument("--split", default="test", help="hub split when --data is a dataset id")
     p.add_argument("--max-examples", type=int)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="0 = loss only")
-    p.add_argument("--out", help="JSONL: one line per example with prompt, output, answer, gold, verdict")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="answer budget (default 256; 0 = loss only); with --task it replaces each task's own")
+    p.add_argument("--out", help="JSONL: one line per example with prompt, output, answer, gold, verdict (--task: "
+                                 "also a summary JSON beside it, FILE.summary.json; default runs/eval/NAME.jsonl)")
     p.add_argument("--harness-tasks", help="run lm-evaluation-harness tasks instead (e.g. hellaswag,arc_easy,gsm8k)")
     p.add_argument("--include-path", help="a folder of extra lm-eval task YAMLs")
     p.add_argument("--num-fewshot", type=int)

@@ -18,6 +18,7 @@ import yaml
 from .errors import UserError, collect
 
 DTYPES = ("float32", "bfloat16", "float16")
+BENCHMARK_TRAIN = ("facts", "gsm8k")  # benchmarks with a train split that data.benchmarks can read
 
 
 @dataclass
@@ -122,6 +123,11 @@ class DataConfig:
     skip_bad: bool = False
     # reasoning-gym's gsm_symbolic and GSM8K test are evaluation data; training on them needs this explicit switch.
     allow_test_derived: bool = False
+    # Benchmark train splits as training data (tasks.py): "facts" (questions about the train subjects; the held-out
+    # subjects are `eval --task facts`), "gsm8k" (gsm8k/train), read from `benchmark_dir` (None: $LLM_MODULES_DATA,
+    # else ../shared/data; "hub": the usual dataset ids).
+    benchmarks: list = field(default_factory=list)
+    benchmark_dir: Optional[str] = None
 
     def problems(self, where: str) -> list[str]:
         out = []
@@ -131,6 +137,9 @@ class DataConfig:
             out.append(f"{where}.max_length: {self.max_length} must be >= 2")
         if self.max_examples is not None and self.max_examples < 1:
             out.append(f"{where}.max_examples: {self.max_examples} must be >= 1")
+        unknown = [b for b in self.benchmarks if b not in BENCHMARK_TRAIN]
+        if unknown:
+            out.append(f"{where}.benchmarks: {', '.join(map(repr, unknown))} not one of {', '.join(BENCHMARK_TRAIN)}")
         return out
 
 

@@ -319,8 +319,9 @@ def build_datasets(cfg: DataConfig, tokenizer, *, log: Callable[[str], None] = p
 
 
 def _training_records(cfg: DataConfig, skipped: list, allow: bool) -> list[Record]:
-    if not cfg.path and not cfg.reasoning_gym_tasks:
-        raise UserError("data: no training data; set data.path (a file or dataset id) or data.reasoning_gym_tasks")
+    if not cfg.path and not cfg.reasoning_gym_tasks and not cfg.benchmarks:
+        raise UserError("data: no training data; set data.path (a file or dataset id), data.reasoning_gym_tasks or "
+                        "data.benchmarks")
     records = []
     if cfg.path:
         if not allow and _is_gsm8k_test(cfg.path, cfg.hub_split):
@@ -332,6 +333,10 @@ def _training_records(cfg: DataConfig, skipped: list, allow: bool) -> list[Recor
         items = reasoning_gym_items(list(cfg.reasoning_gym_tasks), cfg.reasoning_gym_size, cfg.seed,
                                     allow_test_derived=allow)
         records += [Record(*item) for item in items]
+    if cfg.benchmarks:
+        from .tasks import train_records
+
+        records += [Record(*r) for r in train_records(list(cfg.benchmarks), cfg.benchmark_dir)]
     return records
 
 

@@ -49,8 +49,9 @@ def _register(cls):
     return cls if __name__ == "__main__" else register_model(MODEL_NAME)(cls)
 
 
-def _load(checkpoint: Union[str, Path], large_only: bool):
-    """(model, tokenizer, LLMModulesConfig, default max_length) for a checkpoint, or its large model alone."""
+def load_for_eval(checkpoint: Union[str, Path], large_only: bool):
+    """(model, tokenizer, LLMModulesConfig, default max_length) for a checkpoint, or its large model alone (its own
+    LM head; `checkpoint` may then also be a config YAML)."""
     from .__main__ import resolve_checkpoint
     from .checkpoint import CONFIG_NAME
     from .config import LLMModulesConfig
@@ -83,6 +84,9 @@ def _load(checkpoint: Union[str, Path], large_only: bool):
     return model, load_model_tokenizer(cfg), cfg, limit
 
 
+_load = load_for_eval  # TODO(remove once server.py / test_server.py use load_for_eval)
+
+
 def _batches(keys: Sequence, batch_size: int):
     """Index lists of at most batch_size, longest first, so each batch pads little (results are put back by index)."""
     order = sorted(range(len(keys)), key=lambda i: keys[i], reverse=True)
@@ -96,16 +100,17 @@ class LLMModulesLM(TemplateLM):
 
     def __init__(self, checkpoint: Optional[str] = None, large_only: bool = False, batch_size: Union[int, str] = 8,
                  max_length: Optional[int] = None, max_gen_toks: int = 256, device: Optional[str] = None,
-                 max_batch_size: Optional[int] = None, **unknown):
+                 max_batch_size: Optional[int] = None, loaded: Optional[tuple] = None, **unknown):
+        """`loaded`: what load_for_eval returned, for a caller that already holds the model (Python use only)."""
         super().__init__()  # max_batch_size: passed by lm-eval for batch_size=auto, which is not supported
         if unknown:
             raise UserError(f"model_args: unknown {', '.join(sorted(unknown))}; llm-modules takes checkpoint, "
                             "large_only, max_length, max_gen_toks, device (and batch_size)")
-        if checkpoint is None:
+        if checkpoint is None and loaded is None:
             raise UserError("model_args: give checkpoint=DIR (a save_pretrained or training output directory)")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise UserError(f"batch_size={batch_size!r}: give a positive integer (automatic sizing is not supported)")
-        self.model, self.tokenizer, self.cfg, limit = _load(checkpoint, bool(large_only))
+        self.model, self.tokenizer, self.cfg, limit = loaded or load_for_eval(checkpoint, bool(large_only))
         if self.tokenizer is None:
             raise UserError(f"{checkpoint}: the model has no tokenizer, so it cannot read benchmark text; set "
                             "`tokenizer` in its config")

@@ -1,0 +1,391 @@
+"""Benchmarks nobody here wrote, offline, for any arm and for the large model alone (`llm-modules eval --task`).
+
+Generation tasks, scored here: `facts` (held-out subjects, facts.py), `gsm8k`, `math500`. Greedy, batched; the
+prompt is one user turn, formatted as the arm was trained (prompts.py) or, for the large model alone, by its own
+chat template. Log-likelihood tasks, scored by lm-evaluation-harness (`acc`, `acc_norm`): `hellaswag`,
+`arc_easy`, `arc_challenge`, through task YAMLs shipped in llm_modules/lm_eval_tasks/ that read the local files
+(`--data-dir hub` runs lm-eval's standard tasks of the same names instead). The protocols are written down in
+docs/benchmarks-tasks.md; this file is the code that implements them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import facts as facts_mod
+from .errors import UserError
+
+DATA_ENV = "LLM_MODULES_DATA"
+HUB = "hub"  # --data-dir hub: the usual dataset ids instead of local files
+LM_EVAL_TASKS = Path(__file__).parent / "lm_eval_tasks"
+REPO_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # a checkout beside the project's shared/
+
+
+# ---- where the data is ---------------------------------------------------------------------------------------
+def find_data_dir(given: Optional[str] = None) -> Optional[Path]:
+    """The folder holding gsm8k/, hellaswag/, arc/, facts/, math500/: `given` (--data-dir), else $LLM_MODULES_DATA,
+    else ../shared/data from the working directory, else shared/data beside this checkout. None for `hub`."""
+    if given == HUB:
+        return None
+    if given:
+        candidates = [("--data-dir", Path(given))]
+    else:
+        candidates = ([(f"${DATA_ENV}", Path(os.environ[DATA_ENV]))] if os.environ.get(DATA_ENV) else [])
+        candidates += [("the default", Path.cwd().parent / "shared" / "data"), ("the default", REPO_DATA)]
+    for _, path in candidates:
+        if path.expanduser().is_dir():
+            return path.expanduser().resolve()
+    looked = ", ".join(f"{p} ({how})" for how, p in candidates)
+    raise UserError(f"benchmark data not found: looked in {looked}. Point --data-dir (or ${DATA_ENV}) at the folder "
+                    "that holds gsm8k/, hellaswag/, arc/, facts/ and math500/, or use --data-dir hub with hub access")
+
+
+def data_file(root: Path, relative: str, task: str) -> Path:
+    path = root / relative
+    if not path.exists():
+        raise UserError(f"{task}: {path} not found in the data dir {root}; point --data-dir (or ${DATA_ENV}) at "
+                        "the folder that holds it, or use --data-dir hub with hub access")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
+    return rows
+
+
+def _hub_rows(dataset: str, subset: Optional[str], split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(dataset, subset, split=split))
+    except Exception as e:  # offline or unknown id: datasets raises many kinds
+        raise UserError(f"--data-dir hub: cannot load {dataset} ({e.__class__.__name__}: {str(e).splitlines()[0]}); "
+                        "without hub access give --data-dir DIR with local files") from None
+
+
+# ---- generation tasks ----------------------------------------------------------------------------------------
+@dataclass
+class Item:
+    id: str
+    question: str  # the user turn
+    gold: str
+    meta: dict = field(default_factory=dict)  # written with each answer (e.g. the relation of a fact)
+    fact: Optional[facts_mod.Fact] = None
+
+
+@dataclass(frozen=True)
+class GenerationTask:
+    name: str
+    metric: str
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    load: Callable[[Optional[Path]], list[Item]]  # data dir (None: the hub) -> items, in a fixed order
+    judge: Callable[[str, Item], tuple[Optional[str], bool]]  # model output -> (extracted answer, correct)
+
+
+def _gsm8k_items(root: Optional[Path]) -> list[Item]:
+    from .evaluate import extract_answer
+
+    rows = (_hub_rows("openai/gsm8k", "main", "test") if root is None
+            else read_jsonl(data_file(root, "gsm8k/test.jsonl", "gsm8k")))
+    return [Item(f"gsm8k/{i}", r["question"], extract_answer(r["answer"]) or "") for i, r in enumerate(rows)]
+
+
+def _gsm8k_judge(output: str, item: Item) -> tuple[Optional[str], bool]:
+    from .evaluate import extract_answer, is_correct
+
+    answer = extract_answer(output)
+    return answer, is_correct(answer, item.gold)
+
+
+def _math500_items(root: Optional[Path]) -> list[Item]:
+    rows = (_hub_rows("HuggingFaceH4/MATH-500", None, "test") if root is None
+            else read_jsonl(data_file(root, "math500/test.jsonl", "math500")))
+    return [Item(r.get("unique_id", f"math500/{i}"), r["problem"], r["answer"],
+                 {"subject": r.get("subject"), "level": r.get("level")}) for i, r in enumerate(rows)]
+
+
+def _math500_judge(output: str, item: Item) -> tuple[Optional[str], bool]:
+    """Math-Verify (Hugging Face's checker): the last boxed / LaTeX answer, compared with the gold symbolically."""
+    from math_verify import parse, verify
+
+    predicted = parse(output)
+    answer = predicted[-1] if predicted and isinstance(predicted[-1], str) else None
+    return answer, bool(predicted) and bool(verify(parse(f"${item.gold}$"), predicted))
+
+
+def facts_split(root: Optional[Path]) -> tuple[list[facts_mod.Fact], list[facts_mod.Fact]]:
+    if root is None:
+        raise UserError("facts: there is no hub copy of the facts (evandez/relations is a GitHub repository); give "
+                        "--data-dir DIR with facts/relations/factual/*.json")
+    return facts_mod.split(facts_mod.load_facts(data_file(root, "facts", "facts")))
+
+
+def _facts_items(root: Optional[Path]) -> list[Item]:
+    _, test = facts_split(root)
+    return [Item(f"facts/{f.relation}/{f.subject}", f.question(), f.objects[0],
+                 {"relation": f.relation, "aliases": list(f.objects)}, f) for f in test]
+
+
+def _facts_judge(output: str, item: Item) -> tuple[Optional[str], bool]:
+    answer = facts_mod.extract(output, item.fact)
+    return answer, facts_mod.is_correct(answer, item.fact)
+
+
+GENERATION_TASKS = {
+    "facts": GenerationTask("facts", "exact match (normalized) on held-out subjects", 32, ("\n",), _facts_items,
+                            _facts_judge),
+    "gsm8k": GenerationTask("gsm8k", "exact match of the final number", 256, (), _gsm8k_items, _gsm8k_judge),
+    "math500": GenerationTask("math500", "Math-Verify equivalence of the final answer", 512, (), _math500_items,
+                              _math500_judge),
+}
+# Log-likelihood tasks: our name -> (shipped YAML task over local files, lm-eval's standard task for the hub).
+LOGLIKELIHOOD_TASKS = {
+    "hellaswag": ("hellaswag_local", "hellaswag"),
+    "arc_easy": ("arc_easy_local", "arc_easy"),
+    "arc_challenge": ("arc_challenge_local", "arc_challenge"),
+}
+TASK_NAMES = (*GENERATION_TASKS, *LOGLIKELIHOOD_TASKS)
+
+
+def parse_task_names(spec: str) -> list[str]:
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASK_NAMES]
+    if unknown or not names:
+        raise UserError(f"--task: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(TASK_NAMES)} "
+                        "(several comma-separated)")
+    return list(dict.fromkeys(names))
+
+
+def train_records(names: list[str], data_dir: Optional[str]) -> list[tuple[str, int, list[dict]]]:
+    """(source, number, messages) of the train splits of benchmarks `names` (data.benchmarks): the facts of the train
+    subjects, asked exactly as `--task facts` asks the held-out ones, and GSM8K train."""
+    root = find_data_dir(data_dir)
+    out = []
+    for name in names:
+        if name == "facts":
+            train, _ = facts_split(root)
+            out += [(f"facts:{f.relation}", n, f.messages()) for n, f in enumerate(train, 1)]
+        elif name == "gsm8k":
+            rows = (_hub_rows("openai/gsm8k", "main", "train") if root is None
+                    else read_jsonl(data_file(root, "gsm8k/train.jsonl", "gsm8k")))
+            out += [("gsm8k:train", n, [{"role": "user", "content": r["question"]},
+                                        {"role": "assistant", "content": r["answer"]}]) for n, r in enumerate(rows, 1)]
+    return out
+
+
+# ---- who answers -------------------------------------------------------------------------------------------
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):], mask[b, width - len(row):] = torch.tensor(row, dtype=torch.long), 1
+    return ids, mask
+
+
+def _answer_length(row: list[int], eos: Optional[int]) -> int:
+    """Tokens a row really generated: up to and including its eos (finished rows are padded after it)."""
+    return row.index(eos) + 1 if eos is not None and eos in row else len(row)
+
+
+class ArmGenerator:
+    """An LLMModules model answering prompts formatted exactly as its training formatted them."""
+
+    def __init__(self, model):
+        self.model, self.tokenizer = model, model.tokenizer
+
+    def generate(self, conversations: list[list[dict]], max_new_tokens: int, stop: Sequence[str]
+                 ) -> list[tuple[str, int]]:
+        from .generate import prompt_batch
+
+        ids, mask, extra = prompt_batch(self.model, conversations)
+        new = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, stop=list(stop), model_kwargs=extra)
+        return [self._decode(row) for row in new.tolist()]
+
+    def _decode(self, row: list[int]) -> tuple[str, int]:
+        n = _answer_length(row, self.tokenizer.eos_token_id)
+        return self.tokenizer.decode(row[:n], skip_special_tokens=True), n
+
+
+class LargeGenerator(ArmGenerator):
+    """The large model alone (its own LM head) answering through its tokenizer's own chat template."""
+
+    def __init__(self, lm, tokenizer):
+        self.model, self.tokenizer = lm, tokenizer
+
+    def generate(self, conversations: list[list[dict]], max_new_tokens: int, stop: Sequence[str]
+                 ) -> list[tuple[str, int]]:
+        from .backbones import quiet_transformers
+
+        tok = self.tokenizer
+        rows = [tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True, return_dict=False)
+                for c in conversations]
+        ids, mask = _left_pad([list(r) for r in rows], tok.pad_token_id)
+        with quiet_transformers():  # the checkpoint's sampling defaults do not apply to greedy decoding
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      do_sample=False, temperature=None, top_p=None, top_k=None,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                      stop_strings=list(stop) or None, tokenizer=tok)
+        return [self._decode(row) for row in out[:, ids.shape[1]:].tolist()]
+
+
+@torch.no_grad()
+def run_generation(task: GenerationTask, generator, items: list[Item], batch_size: int,
+                   max_new_tokens: Optional[int] = None) -> tuple[list[dict], dict]:
+    """Every item answered (length-sorted batches, answers put back in item order) and judged; (rows, timing)."""
+    budget = max_new_tokens or task.max_new_tokens
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].question))
+    rows: list[Optional[dict]] = [None] * len(items)
+    tokens, t0 = 0, time.perf_counter()
+    for start in tqdm(range(0, len(order), batch_size), desc=task.name, leave=False):
+        idx = order[start:start + batch_size]
+        outs = generator.generate([[{"role": "user", "content": items[i].question}] for i in idx],
+                                  budget, task.stop)
+        for i, (text, n) in zip(idx, outs):
+            answer, correct = task.judge(text, items[i])
+            tokens += n
+            rows[i] = {"task": task.name, "id": items[i].id, "question": items[i].question, "output": text,
+                       "answer": answer, "gold": items[i].gold, "correct": bool(correct), **items[i].meta}
+    seconds = time.perf_counter() - t0
+    return rows, {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+# ---- scoring summaries -----------------------------------------------------------------------------------------
+def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion (sensible at 0 and n, unlike the normal approximation)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def summarize(task: str, metric: str, flags: list[bool], **extra) -> dict:
+    n, k = len(flags), sum(map(bool, flags))
+    return {"task": task, "n": n, "metric": metric, "correct": k, "accuracy": k / n if n else 0.0,
+            "ci95": wilson(k, n), **extra}
+
+
+def per_relation(rows: list[dict]) -> dict:
+    groups: dict[str, list[bool]] = {}
+    for r in rows:
+        groups.setdefault(r["relation"], []).append(r["correct"])
+    return {rel: {"n": len(v), "accuracy": sum(v) / len(v), "ci95": wilson(sum(v), len(v))}
+            for rel, v in sorted(groups.items())}
+
+
+# ---- log-likelihood tasks through lm-evaluation-harness --------------------------------------------------------
+def run_loglikelihood(names: list[str], lm, root: Optional[Path], limit: Optional[int]) -> dict[str, tuple]:
+    """{name: (rows, summary fields)} for hellaswag / arc_* through lm-eval with `lm` (a harness.LLMModulesLM)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if root is None:
+        manager, lm_names = TaskManager(), {n: LOGLIKELIHOOD_TASKS[n][1] for n in names}
+    else:
+        manager = TaskManager(include_path=str(LM_EVAL_TASKS), metadata={"data_dir": str(root)})
+        lm_names = {n: LOGLIKELIHOOD_TASKS[n][0] for n in names}
+    t0 = time.perf_counter()
+    res = lm_eval.simple_evaluate(model=lm, tasks=list(lm_names.values()), limit=limit, task_manager=manager,
+                                  log_samples=True, bootstrap_iters=0)
+    seconds = time.perf_counter() - t0
+    total = sum(len(res["samples"][t]) for t in lm_names.values())
+    out = {}
+    for name, lm_name in lm_names.items():
+        rows = [{"task": name, "id": f"{name}/{s['doc_id']}", "gold": s["target"],
+                 "acc": bool(s["acc"]), "acc_norm": bool(s["acc_norm"]), "correct": bool(s["acc_norm"])}
+                for s in sorted(res["samples"][lm_name], key=lambda s: s["doc_id"])]
+        share = seconds * len(rows) / max(total, 1)  # one harness run: its time shared by item count
+        out[name] = (rows, {"acc": sum(r["acc"] for r in rows) / max(len(rows), 1),
+                            "acc_ci95": wilson(sum(r["acc"] for r in rows), len(rows)),
+                            "seconds": share, "items_per_s": len(rows) / max(share, 1e-9),
+                            "lm_eval_task": lm_name})
+    return out
+
+
+# ---- the command -----------------------------------------------------------------------------------------------
+def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = False, data_dir: Optional[str] = None,
+                   limit: Optional[int] = None, batch_size: int = 16, max_new_tokens: Optional[int] = None,
+                   log=print) -> tuple[list[dict], list[dict]]:
+    """Run benchmark `names` on a checkpoint (or its large model alone); (per-item rows, one summary per task).
+    `max_new_tokens` replaces the generation tasks' own budgets (facts 32, gsm8k 256, math500 512)."""
+    from .harness import LLMModulesLM, load_for_eval
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: give a positive number of items per task")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: give a positive integer")
+    root = find_data_dir(data_dir)
+    loaded = load_for_eval(checkpoint, large_only)
+    model, tokenizer = loaded[0].eval(), loaded[1]
+    generator = LargeGenerator(model, tokenizer) if large_only else ArmGenerator(model)
+    rows: list[dict] = []
+    summaries: list[dict] = []
+    for name in [n for n in names if n in GENERATION_TASKS]:
+        task = GENERATION_TASKS[name]
+        items = task.load(root)[:limit]
+        log(f"{name}: {len(items)} items, greedy, at most {max_new_tokens or task.max_new_tokens} new tokens, "
+            f"batch {batch_size}")
+        got, timing = run_generation(task, generator, items, batch_size, max_new_tokens)
+        extra = {"per_relation": per_relation(got)} if name == "facts" else {}
+        if extra:
+            extra["macro_accuracy"] = sum(r["accuracy"] for r in extra["per_relation"].values()) / max(
+                len(extra["per_relation"]), 1)
+        summaries.append(summarize(name, task.metric, [r["correct"] for r in got], **timing, **extra))
+        rows += got
+    mc = [n for n in names if n in LOGLIKELIHOOD_TASKS]
+    if mc:
+        log(f"{', '.join(mc)}: log-likelihood of each choice through lm-evaluation-harness, batch {batch_size}")
+        lm = LLMModulesLM(loaded=loaded, large_only=large_only, batch_size=batch_size)
+        for name, (got, extra) in run_loglikelihood(mc, lm, root, limit).items():
+            summaries.append(summarize(name, "acc_norm (lm-eval; acc also given)", [r["correct"] for r in got],
+                                       **extra))
+            rows += got
+    order = {n: i for i, n in enumerate(names)}
+    summaries.sort(key=lambda s: order[s["task"]])
+    for s in summaries:
+        s.update(model=str(checkpoint), large_only=large_only, data=str(root) if root else HUB, limit=limit,
+                 batch_size=batch_size)
+    return rows, summaries
+
+
+def table(summaries: list[dict]) -> str:
+    lines = ["| task | n | metric | accuracy | 95% CI | speed |", "|---|---|---|---|---|---|"]
+    for s in summaries:
+        speed = (f"{s['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in s else f"{s['items_per_s']:.2f} items/s")
+        lines.append(f"| {s['task']} | {s['n']} | {s['metric']} | {s['accuracy']:.3f} | "
+                     f"[{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | {speed} |")
+    for s in summaries:
+        if "acc" in s:
+            lines.append(f"\n{s['task']}: acc {s['acc']:.3f} [{s['acc_ci95'][0]:.3f}, {s['acc_ci95'][1]:.3f}]")
+        if "per_relation" in s:
+            lines.append(f"\nfacts per relation (macro accuracy {s['macro_accuracy']:.3f}):")
+            lines += [f"  {rel}: {r['accuracy']:.3f} of {r['n']}" for rel, r in s["per_relation"].items()]
+    return "\n".join(lines)
+
+
+def default_out(checkpoint: str, large_only: bool) -> Path:
+    label = re.sub(r"[^\w.-]+", "_", str(Path(checkpoint)).strip("./")) or "model"
+    return Path("runs") / "eval" / f"{label}{'-large-only' if large_only else ''}.jsonl"
+
+
+def summary_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
