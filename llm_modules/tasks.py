@@ -327,7 +327,10 @@ def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = Fals
                    log=print) -> tuple[list[dict], list[dict]]:
     """Run benchmark `names` on a checkpoint (or its large model alone); (per-item rows, one summary per task).
     `max_new_tokens` replaces the generation tasks' own budgets (facts 32, gsm8k 256, math500 512)."""
-    from .harness import LLMModulesLM, load_for_eval
+    try:
+        from .harness import LLMModulesLM, load_for_eval
+    except ImportError as e:  # lm-eval is an optional extra
+        raise UserError(str(e)) from None
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: give a positive number of items per task")
