@@ -133,7 +133,7 @@ class _Sampling(_Body):
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
+    stop: Any = None  # a string or a list of strings (checked in `_stop_strings`, for a clearer message)
     n: Optional[int] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
@@ -151,7 +151,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]]
+    prompt: Any = None  # a string, or a list of one (checked in `completion_prompt`)
     echo: Optional[bool] = None
     suffix: Optional[str] = None
     best_of: Optional[int] = None
@@ -179,8 +179,11 @@ def _unsupported(body: _Sampling) -> None:
             raise APIError(400, f"best_of: only 1 is supported (got {body.best_of})", "best_of")
 
 
-def _stop_strings(stop: Union[str, list[str], None]) -> tuple[str, ...]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
+def _stop_strings(stop: Any) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not (isinstance(stops, list) and all(isinstance(x, str) for x in stops)):
+        raise APIError(400, f"stop: must be a string or a list of strings (got {_short(stop)})", "stop",
+                       "invalid_type")
     if len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} stop strings (got {len(stops)})", "stop")
     if any(not s for s in stops):
@@ -224,11 +227,16 @@ def conversation(body: ChatCompletionRequest) -> list[dict]:
 
 def completion_prompt(body: CompletionRequest) -> str:
     p = body.prompt
+    if p is None:
+        raise APIError(400, "prompt: this field is required", "prompt", "missing_required_parameter")
     if isinstance(p, list):
         if len(p) != 1:
             raise APIError(400, f"prompt: give one string (got a list of {len(p)}); send several requests instead",
                            "prompt", "invalid_value")
         p = p[0]
+    if not isinstance(p, str):
+        raise APIError(400, f"prompt: must be a string (got {_short(p)}; token id lists are not supported)",
+                       "prompt", "invalid_type")
     if not p:
         raise APIError(400, "prompt: the prompt is empty", "prompt", "invalid_value")
     return p
@@ -525,6 +533,12 @@ class Engine:
                     if reason:
                         row.finish(reason)
                 if all(row.done for row in rows):
+                    break
+                if self._stopped:  # shutting down: the rows still running end with an error
+                    for row in rows:
+                        if not row.done:
+                            row.done = True
+                            row.job.put(("error", "the server is shutting down"))
                     break
         finally:
             steps.close()

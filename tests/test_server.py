@@ -227,6 +227,9 @@ BAD_CHAT = [
     ("temperature 3", {"messages": USER, "temperature": 3}, 400, "temperature", "less than or equal to 2"),
     ("n 2", {"messages": USER, "n": 2}, 400, "n", "n=1"),
     ("five stop strings", {"messages": USER, "stop": list("abcde")}, 400, "stop", "at most 4"),
+    ("stop a number", {"messages": USER, "stop": 5}, 400, "stop", "string or a list of strings"),
+    ("message not an object", {"messages": [5]}, 400, "messages[0]", "object"),
+    ("message without a role", {"messages": [{"content": "x"}]}, 400, "messages[0].role", "required"),
     ("unknown model", {"model": "gpt-4", "messages": USER}, 404, "model", "'gpt-4' does not exist"),
 ]
 
@@ -244,6 +247,7 @@ BAD_COMPLETION = [
     ("missing prompt", {"max_tokens": 3}, "prompt", "required"),
     ("empty prompt", {"prompt": ""}, "prompt", "empty"),
     ("several prompts", {"prompt": ["a", "b"]}, "prompt", "one string"),
+    ("prompt a number", {"prompt": 5}, "prompt", "must be a string"),
     ("echo", {"prompt": "a", "echo": True}, "echo", "not supported"),
 ]
 
