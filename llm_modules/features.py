@@ -3,7 +3,9 @@
 The large model is frozen, so its states for a fixed token sequence never change; a plain loop recomputes them every
 epoch. Hand-written because it is the project's own: shards are safetensors files (memory-mapped on read), each
 holding one (len_i, D_L) tensor per example, written to a temporary name and renamed when complete, so a
-half-written shard is never read and an interrupted build resumes at the first missing shard.
+half-written shard is never read and an interrupted build resumes at the first missing shard. SIGTERM / SIGINT during
+a build drop the shard being computed (a shard being written is finished), say how far the build got and raise
+`interrupt.Interrupted` (the CLI exits with 143 / 130); the same command then builds only the missing shards.
 
 Key: sha256 of the large model's identity (name, revision, overrides, and for local files their sizes and times),
 the tapped layer, the large dtype, the storage dtype, and every example's token ids (which capture the tokenizer,
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_json, save_tensors
 from .errors import UserError
+from .interrupt import Interrupted, StopRequests, signal_name
 
 SHARD_EXAMPLES = 256
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -135,20 +138,37 @@ def build_split(model, cfg, examples, split: str, *, batch_tokens: int = 4096, l
     done = [s for s in range(n_shards) if (d / f"shard-{s:05d}.safetensors").is_file()]
     bar = tqdm(total=tokens, unit="tok", desc=f"large model -> cache ({split})", dynamic_ncols=True)
     bar.update(sum(len(large_ids(e)) for s in done for e in examples[s * SHARD_EXAMPLES:(s + 1) * SHARD_EXAMPLES]))
-    for s in range(n_shards):
-        if s in done:
-            continue
-        first = s * SHARD_EXAMPLES
-        shard = _compute(model, examples[first:first + SHARD_EXAMPLES], first, batch_tokens, DTYPES[storage], bar)
-        save_tensors(d / f"shard-{s:05d}.safetensors", shard)  # atomic: complete or absent
-    bar.close()
-    atomic_write_json(d / "meta.json", {"num_examples": len(examples), "tokens": tokens, "width": width,
-                                        "storage": storage, "identity": model_identity(cfg)})
+    stops = StopRequests(first="dropping the shard being computed (one being written is finished), then stopping",
+                         again="ignored until the shard being written is complete")
+    with stops:
+        for s in range(n_shards):
+            if s in done:
+                continue
+            first = s * SHARD_EXAMPLES
+            shard = _compute(model, examples[first:first + SHARD_EXAMPLES], first, batch_tokens, DTYPES[storage], bar,
+                             stops)
+            if shard is None:  # a signal: the shard is dropped, nothing of it is on disk
+                break
+            save_tensors(d / f"shard-{s:05d}.safetensors", shard)  # atomic: complete or absent
+            done.append(s)
+            if stops.signum:
+                break
+        bar.close()
+        if len(done) == n_shards:
+            atomic_write_json(d / "meta.json", {"num_examples": len(examples), "tokens": tokens, "width": width,
+                                                "storage": storage, "identity": model_identity(cfg)})
+    if stops.signum:
+        message = (f"stopped by {signal_name(stops.signum)}: {len(done)} of {n_shards} shards of the {split} feature "
+                   f"cache are complete in {d}; the same command builds the rest (finished shards are kept)")
+        log(message)
+        raise Interrupted(stops.signum, message)
     return SplitFeatures(d, len(examples))
 
 
 @torch.no_grad()
-def _compute(model, examples, first: int, batch_tokens: int, dtype, bar) -> dict[str, torch.Tensor]:
+def _compute(model, examples, first: int, batch_tokens: int, dtype, bar,
+             stops: Optional[StopRequests] = None) -> Optional[dict[str, torch.Tensor]]:
+    """States of one shard's examples, batched by length; None as soon as `stops` records a signal."""
     from .model import positions_from_mask
 
     seqs = [large_ids(e) for e in examples]
@@ -156,6 +176,8 @@ def _compute(model, examples, first: int, batch_tokens: int, dtype, bar) -> dict
     out: dict[str, torch.Tensor] = {}
     i = 0
     while i < len(order):
+        if stops is not None and stops.signum:
+            return None
         T = len(seqs[order[i]])
         group = [order[i]]
         while i + len(group) < len(order):  # grow the batch while its padded size stays under batch_tokens

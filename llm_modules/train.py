@@ -27,6 +27,7 @@ from .data import DataBundle, LengthGroupedBatches, build_datasets, collate
 from .errors import UserError
 from . import features as features_mod
 from . import sharded_state
+from .interrupt import Interrupted, StopRequests, signal_name
 from .model import LLMModules, load_model_tokenizer, load_small_tokenizer
 
 
@@ -61,6 +62,8 @@ class Run:
     max_steps: int = 0
     log: object = print
     saved_step: int = -1  # step of the last checkpoint written or restored (the same on every rank)
+    stops: Optional[StopRequests] = None  # SIGTERM / SIGINT recorder, set while fit() runs
+    stop_signal: int = 0  # the signal every rank agreed to stop on (0: none)
 
     @property
     def unwrapped(self) -> LLMModules:
@@ -187,23 +190,69 @@ def micro_batches(run: Run) -> Iterator[tuple[int, int, list[int]]]:
 
 def fit(run: Run, stop_at: Optional[int] = None) -> Progress:
     """Train until max_steps (or early stopping); `stop_at` ends the process-side loop sooner, as an interruption
-    would, leaving a checkpoint at that step (used to test exact resume)."""
+    would, leaving a checkpoint at that step (used to test exact resume).
+
+    SIGTERM / SIGINT while this runs: the optimizer step in progress finishes, every rank agrees to stop after it,
+    a checkpoint of that step is saved (a further signal is ignored until the save is done), and `Interrupted` is
+    raised (the CLI exits with 143 / 130); the same call again resumes as if nothing had happened. The handlers
+    are installed for this function only; the previous ones come back when it returns."""
     acc, p = run.accelerator, run.progress
     stop_at = run.max_steps if stop_at is None else min(stop_at, run.max_steps)
-    bar = tqdm(total=run.max_steps, initial=p.step, desc="train", disable=not acc.is_main_process, dynamic_ncols=True)
-    try:  # the bar is closed even when a step fails, so the error is printed on a line of its own
-        _steps(run, stop_at, bar)
+    stops = StopRequests(first="finishing the optimizer step in progress, then saving a checkpoint (further "
+                               "signals are ignored until it is written)",
+                         again="ignored until the checkpoint is written",
+                         announce=acc.is_main_process)
+    run.stops, run.stop_signal = stops, 0
+    try:
+        with stops:
+            bar = tqdm(total=run.max_steps, initial=p.step, desc="train", disable=not acc.is_main_process,
+                       dynamic_ncols=True)
+            try:  # the bar is closed even when a step fails, so the error is printed on a line of its own
+                _steps(run, stop_at, bar)
+            finally:
+                bar.close()
+            if not run.stop_signal:  # a signal during the last step or its checkpoint
+                run.stop_signal = _stop_requested(run)
+            if p.step and p.step != run.saved_step:  # not a file check: other ranks must not race the main one's write
+                save_checkpoint(run, best=False)
+            plot_losses(run)  # before the barrier: the ranks leave together (torchrun stops the others when one exits)
+            # A barrier before the process group goes: its worker threads must be done with the last object
+            # broadcast, whose Python-owned tensors they free under the GIL, or freeing the DDP model can deadlock
+            # (seen with gloo: the main thread joins a worker that waits for the GIL the main thread holds).
+            acc.wait_for_everyone()
+            acc.end_training()
     finally:
-        bar.close()
-    if p.step and p.step != run.saved_step:  # not a file check: other ranks must not race the main one's write
-        save_checkpoint(run, best=False)
-    # A barrier before the process group goes: its worker threads must be done with the last object broadcast, whose
-    # Python-owned tensors they free under the GIL, or freeing the DDP model can deadlock (seen with gloo: the main
-    # thread joins a worker that waits for the GIL the main thread holds).
-    acc.wait_for_everyone()
-    acc.end_training()
-    plot_losses(run)
+        run.stops = None
+    signum = run.stop_signal or stops.signum  # the latter: a signal after the last agreement, nothing left to do
+    if signum:
+        message = _stopped_message(run, signum)
+        run.log(message)
+        raise Interrupted(signum, message)
     return p
+
+
+def _stop_requested(run: Run) -> int:
+    """The signal to stop on, the same on every rank (0: carry on). Called at the same points of the loop by every
+    rank; with several processes it is a collective (the largest signal number any rank received), made only when
+    the handlers are installed (one process: an attribute read)."""
+    stops = run.stops
+    if stops is None or not stops.installed:
+        return 0
+    acc = run.accelerator
+    if acc.num_processes == 1:
+        return stops.signum or 0
+    return int(acc.gather(torch.tensor([stops.signum or 0], device=acc.device)).max())
+
+
+def _stopped_message(run: Run, signum: int) -> str:
+    p, name = run.progress, signal_name(signum)
+    if p.step == 0:
+        return f"stopped by {name} before the first optimizer step: nothing to save"
+    where = run.out / "checkpoints" / f"step-{p.step:08d}"
+    if p.step >= run.max_steps or p.stopped_early:
+        return f"stopped by {name}: training had finished (step {p.step}); its last checkpoint is {where}"
+    return (f"stopped by {name} after step {p.step} of {run.max_steps}: checkpoint saved in {where}. Run the same "
+            "command again (without --no-resume) to resume from it; the run then ends as if never interrupted")
 
 
 def _steps(run: Run, stop_at: int, bar) -> None:
@@ -226,6 +275,9 @@ def _steps(run: Run, stop_at: int, bar) -> None:
         if p.batch_in_epoch >= len(run.batches):
             p.epoch, p.batch_in_epoch = epoch + 1, 0
         if loss is None:
+            run.stop_signal = _stop_requested(run)
+            if run.stop_signal:
+                break  # fit() saves
             continue
         p.step += 1
         tokens_seen += n_tok
@@ -238,8 +290,12 @@ def _steps(run: Run, stop_at: int, bar) -> None:
             record["val_loss"] = validate(run)
             _early_stopping(run, record["val_loss"])
         log_metrics(run, record)
-        if p.step % t.save_every == 0 or p.step in (run.max_steps, stop_at) or p.stopped_early:
+        run.stop_signal = _stop_requested(run)  # SIGTERM / SIGINT: save this step and stop
+        if (p.step % t.save_every == 0 or p.step in (run.max_steps, stop_at) or p.stopped_early
+                or run.stop_signal):
             save_checkpoint(run, best=record.get("val_loss") is not None and p.best_step == p.step)
+        if run.stop_signal:
+            break
 
 
 def train_step(run: Run, global_batches: list[list[int]], pad: int) -> tuple[Optional[float], int]:
