@@ -220,3 +220,64 @@ def truncate_metrics(path: Path, step: int) -> None:
     lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     kept = [ln for ln in lines if (s := step_of(ln)) is not None and s <= step]
     atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+# ---- resuming with another config --------------------------------------------------------------------------------
+# Fields a run may change when it resumes from its output directory: they decide how long the run goes, how often it
+# validates, saves and logs, how fast or where it computes - not which model is trained, on which data, with which
+# optimization. Everything else must match the checkpoint's config.yaml (docs/training.md says why for each).
+# train.batch_size is not compared here: restore_latest checks the global batch (batch_size x processes), which
+# may be kept with another process count.
+RESUME_SAFE = (
+    "train.output_dir", "train.max_steps", "train.epochs", "train.save_every", "train.eval_every",
+    "train.patience", "train.num_threads", "train.tensorboard", "train.skip_nonfinite", "train.mixed_precision",
+    "train.feature_cache", "train.feature_cache_dir", "train.feature_dtype", "train.batch_size",
+    "data.skip_bad", "small.gradient_checkpointing",
+)
+_UNSET = object()
+
+
+def flatten_config(d: dict, prefix: str = "") -> dict[str, object]:
+    """{"bridge": {"num_layers": 2}, "large": {"config": {"hidden_size": 64}}} -> {"bridge.num_layers": 2,
+    "large.config.hidden_size": 64}; lists and empty mappings are values."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _shown(v) -> str:
+    if v is _UNSET:
+        return "(not set)"
+    return v if isinstance(v, str) and v else json.dumps(v)
+
+
+def config_changes(saved: dict, current: dict, safe: tuple = RESUME_SAFE) -> tuple[list[str], list[str]]:
+    """(changes that forbid resuming, changes that are allowed), each as "key: old -> new" in the config's order."""
+    a, b = flatten_config(saved), flatten_config(current)
+    keys = list(b) + [k for k in a if k not in b]
+    forbidden, allowed = [], []
+    for k in keys:
+        old, new = a.get(k, _UNSET), b.get(k, _UNSET)
+        if old != new:
+            is_safe = any(k == s or k.startswith(s + ".") for s in safe)
+            (allowed if is_safe else forbidden).append(f"{k}: {_shown(old)} -> {_shown(new)}")
+    return forbidden, allowed
+
+
+def saved_config(directory: Path) -> Optional[dict]:
+    """The config a checkpoint was saved with, defaults filled in for fields added since (None: no config.yaml). A
+    file the current code cannot validate (a field removed since) is compared as written."""
+    from .config import LLMModulesConfig, load_yaml
+
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        return None
+    raw = load_yaml(path)
+    try:
+        return LLMModulesConfig.from_dict(raw, where=str(path)).to_dict()
+    except UserError:
+        return raw

@@ -203,6 +203,8 @@ def fit(run: Run, stop_at: Optional[int] = None) -> Progress:
                          again="ignored until the checkpoint is written",
                          announce=acc.is_main_process)
     run.stops, run.stop_signal = stops, 0
+    if run.saved_step < 0 and p.step == 0:  # a run that starts over (--no-resume, or nothing readable to resume)
+        _clear_previous_run(run)
     try:
         with stops:
             bar = tqdm(total=run.max_steps, initial=p.step, desc="train", disable=not acc.is_main_process,
@@ -229,6 +231,19 @@ def fit(run: Run, stop_at: Optional[int] = None) -> Progress:
         run.log(message)
         raise Interrupted(signum, message)
     return p
+
+
+def _clear_previous_run(run: Run) -> None:
+    """Remove the checkpoints and best/ of an earlier run in the output directory: kept, its later steps would
+    outrank this run's checkpoints (pruning keeps the highest steps) and the next resume would continue it."""
+    root, best = run.out / "checkpoints", run.out / "best"
+    old = sorted(d.name for d in root.glob("step-*")) if root.is_dir() else []
+    if not run.accelerator.is_main_process or not (old or best.exists()):
+        return
+    for d in [*root.glob("step-*"), *root.glob(".step-*.tmp"), best]:
+        shutil.rmtree(d, ignore_errors=True)
+    run.log(f"starting over in {run.out}: removed the earlier run's " + (f"checkpoints ({', '.join(old)}) and "
+                                                                         if old else "") + "best/")
 
 
 def _stop_requested(run: Run) -> int:
@@ -462,6 +477,7 @@ def restore_latest(run: Run) -> None:
         if run.accelerator.is_main_process:  # lines of a run killed before its first checkpoint: it starts over
             (run.out / "metrics.jsonl").unlink(missing_ok=True)
         return
+    _check_resumable_config(run, found)
     state = ckpt.read_training_checkpoint(found, run.model, run.optimizer, run.scheduler, run.accelerator)
     now = run.progress.global_batch
     run.progress = Progress(**state)
@@ -474,6 +490,31 @@ def restore_latest(run: Run) -> None:
     run.saved_step = run.progress.step
     ckpt.truncate_metrics(run.out / "metrics.jsonl", run.progress.step)
     run.log(f"resumed from {found} (step {run.progress.step}, epoch {run.progress.epoch})")
+
+
+def _check_resumable_config(run: Run, found: Path) -> None:
+    """Refuse to resume a checkpoint made with another model, data or optimization config, naming what changed;
+    changes in ckpt.RESUME_SAFE (length of the run, logging, saving, compute) are allowed and logged."""
+    saved = ckpt.saved_config(found)
+    if saved is None:
+        return
+    # The model's config: what this run's checkpoints will hold (the run's config with derived fields such as
+    # vocab_size filled in, as in the saved one).
+    forbidden, allowed = ckpt.config_changes(saved, run.unwrapped.config.to_dict())
+    if forbidden:
+        changed = "\n  ".join(forbidden)
+        raise UserError(f"{run.out} holds a run made with another config; its checkpoint {found.name} differs from "
+                        f"this one in:\n  {changed}\nA run resumes only with the model, data and optimization it "
+                        "started with. Start over with --no-resume (which deletes that run's checkpoints), or train "
+                        "into another --output-dir. Settings that may change on resume (train.max_steps, "
+                        "train.save_every, ...) are listed in docs/training.md")
+    allowed = [c for c in allowed if not c.startswith("train.output_dir:")]
+    if allowed:
+        horizon = run.cfg.train.schedule == "cosine" and any(c.startswith(("train.max_steps:", "train.epochs:"))
+                                                             for c in allowed)
+        run.log("resuming with changed settings: " + "; ".join(allowed)
+                + (f" (the cosine schedule now decays to 0 at step {run.max_steps}, so the learning rate from here on "
+                   "differs from the saved run's plan)" if horizon else ""))
 
 
 def log_metrics(run: Run, record: dict) -> None:
