@@ -313,12 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the bridge and the small model (resumes from the output directory)")
     p.add_argument("--config", required=True)
     p.add_argument("--output-dir")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--save-every", type=int)
+    p.add_argument("--max-steps", type=int,
+                   help="optimizer steps to train (default: train.epochs over the data); also the horizon of the "
+                        "learning-rate schedule: with train.schedule cosine the rate decays to 0 at this step, so "
+                        "--max-steps 100 is not the first 100 steps of a longer run")
+    p.add_argument("--save-every", type=int, help="save a checkpoint every K steps (the last step, early stopping "
+                                                   "and SIGTERM / Ctrl-C save one too)")
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records (listed in the output dir)")
     p.add_argument("--skip-nonfinite", type=int, help="tolerate up to N steps with a non-finite loss")
-    p.set_defaults(func=cmd_train, extra_ok=True)
+    p.set_defaults(func=cmd_train, config_overrides=True)
 
     p = sub.add_parser("eval", help="benchmarks (--task), or held-out loss / perplexity / exact match of a checkpoint")
     p.add_argument("--checkpoint", required=True,
@@ -341,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harness-tasks", help="run lm-evaluation-harness tasks instead (e.g. hellaswag,arc_easy,gsm8k)")
     p.add_argument("--include-path", help="a folder of extra lm-eval task YAMLs")
     p.add_argument("--num-fewshot", type=int)
-    p.set_defaults(func=cmd_eval, extra_ok=True)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("experiment", help="the paper's claims and next steps as arms trained alike")
     p.add_argument("--config", default="configs/default.yaml")
@@ -350,17 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/experiment")
     p.add_argument("--eval-examples", type=int, default=24)
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.set_defaults(func=cmd_experiment, extra_ok=True)
+    p.set_defaults(func=cmd_experiment, config_overrides=True)
 
     p = sub.add_parser("demo", help="the main job end to end: combined vs small alone on real weights")
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--eval-examples", type=int, default=24, help="held-out questions answered by each arm")
-    p.set_defaults(func=cmd_demo, extra_ok=True)
+    p.set_defaults(func=cmd_demo, config_overrides=True)
 
     p = sub.add_parser("cache-features", help="run the large model once over the data and store its states")
     p.add_argument("--config", required=True)
-    p.set_defaults(func=cmd_cache_features, extra_ok=True)
+    p.set_defaults(func=cmd_cache_features, config_overrides=True)
 
     p = sub.add_parser("generate", help="stream answers to prompts")
     add_sampling_args(p)
@@ -389,14 +393,108 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--cache-dir", help="default: $LLM_MODULES_CACHE or ~/.cache/llm-modules")
     p.set_defaults(func=cmd_weights)
+    # No abbreviations: `--max-step 5` would silently mean --max-steps and `--max-example` --max-examples; every
+    # flag must be spelt out (main() then rejects whatever no sub-command declares, see check_extra).
+    for q in [parser, *subcommands(parser).values()]:
+        q.allow_abbrev = False
     return parser
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """{name: sub-parser} of build_parser()'s sub-commands."""
+    return {name: q for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+            for name, q in a.choices.items()}
+
+
+OVERRIDE_HINT = "config overrides look like --section.key VALUE, e.g. --train.lr_bridge 1e-4"
+
+
+def override_key_problem(key: str) -> Optional[str]:
+    """Why `--KEY VALUE` is not a config override (None: KEY names a field of LLMModulesConfig, or lies inside a
+    free-form mapping such as small.config)."""
+    import dataclasses
+    import types
+    import typing
+
+    from .config import LLMModulesConfig
+
+    cls, parts = LLMModulesConfig, key.split(".")
+    for i, part in enumerate(parts):
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        here, section = ".".join(parts[:i + 1]), ".".join(parts[:i])
+        if part not in names:
+            return f"{here}: unknown key; allowed{f' in {section}' if section else ''}: {', '.join(names)}"
+        if i == len(parts) - 1:
+            return None
+        tp = typing.get_type_hints(cls)[part]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[X] -> X
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if tp is dict or typing.get_origin(tp) is dict:
+            return None  # keys below a free-form mapping (an inline Hugging Face config ...) are not checked here
+        if not dataclasses.is_dataclass(tp):
+            return f"{here} is a value, not a section"
+        cls = tp
+    return None
+
+
+def _config_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every dotted field name of LLMModulesConfig (sections included), for suggestions."""
+    import dataclasses
+    import typing
+
+    from .config import LLMModulesConfig
+
+    cls = cls or LLMModulesConfig
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(tp):
+            out += _config_keys(tp, f"{prefix}{f.name}.")
+    return out
+
+
+def check_extra(sub: argparse.ArgumentParser, takes_overrides: bool, extra: list[str]) -> Optional[str]:
+    """Why the arguments that `sub` does not declare are not acceptable (None: they are config overrides of a
+    command that takes them)."""
+    import difflib
+
+    options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    candidates = options + (["--" + k for k in _config_keys()] if takes_overrides else [])
+
+    def suggest(flag: str) -> str:
+        flag = flag.split("=", 1)[0]
+        longer = [c for c in candidates if c.startswith(flag)]  # an abbreviation (not accepted: they hide typos)
+        close = longer if len(longer) == 1 else difflib.get_close_matches(flag, candidates, n=1, cutoff=0.75)
+        return f" (did you mean {close[0]}?)" if close else ""
+
+    if not takes_overrides:
+        flag = next((a for a in extra if a.startswith("-")), extra[0])
+        return f"unrecognized arguments: {' '.join(extra)}{suggest(flag)}"
+    try:
+        pairs = parse_overrides(extra)
+    except UserError as e:
+        return str(e)
+    for key, _ in pairs:
+        problem = override_key_problem(key)
+        if problem is not None:
+            if "." not in key:  # most likely a misspelt option of the command
+                return (f"unrecognized argument --{key}{suggest('--' + key)}: not an option of `{sub.prog}` nor a "
+                        f"config field ({OVERRIDE_HINT})")
+            return f"unrecognized argument --{key}{suggest('--' + key)}: {problem}"
+    return None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "extra_ok", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # only dotted config overrides, and only for the commands that read them
+        sub = subcommands(parser)[args.command]
+        problem = check_extra(sub, getattr(args, "config_overrides", False), extra)
+        if problem is not None:
+            sub.print_usage(sys.stderr)
+            print(f"{sub.prog}: error: {problem}", file=sys.stderr)
+            return 2
     from .interrupt import Interrupted
 
     try:

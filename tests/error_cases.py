@@ -139,6 +139,24 @@ def _full_disk(tmp: Path) -> ContextManager:
     return mock.patch("llm_modules.checkpoint.save_file", disk_full_at("step-00000002"))
 
 
+def _trained_run(tmp: Path) -> None:
+    """One step of tiny-random trained into {tmp}/run (a checkpoint to resume from)."""
+    import torch
+
+    from llm_modules.__main__ import main
+
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    try:
+        os.chdir(REPO)  # the config's data path is relative to the repository
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            code = main([fill(a, tmp) for a in _train("--train.num_threads", "1")])
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    if code != 0:
+        raise RuntimeError(f"training the run to resume failed with exit code {code}")
+
+
 def _train(*args: str, steps: int = 1) -> list[str]:
     return ["train", "--config", TINY, "--output-dir", "{tmp}/run", "--max-steps", str(steps), *args]
 
@@ -202,6 +220,24 @@ CASES: list[Case] = [
          "could not save the checkpoint of step 2 in {tmp}/run/checkpoints (No space left on device); "
          "step-00000001 is intact",
          patch=_full_disk, given="writing step 2's checkpoint fails with ENOSPC (simulated in-process)"),
+    Case("resuming with another model / optimization config",
+         _train("--bridge.num_layers", "3", "--train.lr_bridge", "0.0001", "--save-every", "5", steps=2), 2,
+         "differs from this one in:\n  bridge.num_layers: 2 -> 3\n  train.lr_bridge: 0.001 -> 0.0001\n",
+         _trained_run,
+         given="the output directory holds a 1-step run of tiny-random; --max-steps and --save-every may change"),
+    Case("command line: unknown flag", ["eval", "--checkpoint", "{tmp}", "--max-examples", "2", "--bogus-flag", "3"],
+         2, "unrecognized arguments: --bogus-flag 3", given="any command (eval used to ignore it and exit 0)"),
+    Case("command line: misspelt flag", ["eval", "--checkpoint", "{tmp}", "--max-example", "50"], 2,
+         "unrecognized arguments: --max-example 50 (did you mean --max-examples?)",
+         given="abbreviations are not accepted (this one used to evaluate every example)"),
+    Case("command line: misspelt option of a command with config overrides",
+         ["train", "--config", TINY, "--output-dir", "{tmp}/run", "--max-step", "5"], 2,
+         "unrecognized argument --max-step (did you mean --max-steps?)",
+         given="train, experiment, demo and cache-features also take --section.key VALUE config overrides"),
+    Case("command line: unknown config override",
+         ["train", "--config", TINY, "--output-dir", "{tmp}/run", "--train.lr_brige", "1e-4"], 2,
+         "unrecognized argument --train.lr_brige (did you mean --train.lr_bridge?): train.lr_brige: unknown key",
+         given="checked against the config's fields before anything runs"),
 ]
 
 
