@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--max-steps 100 is not the first 100 steps of a longer run")
     p.add_argument("--save-every", type=int, help="save a checkpoint every K steps (the last step, early stopping "
                                                    "and SIGTERM / Ctrl-C save one too)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if checkpoints exist (the earlier run's checkpoints are removed)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records (listed in the output dir)")
     p.add_argument("--skip-nonfinite", type=int, help="tolerate up to N steps with a non-finite loss")
     p.set_defaults(func=cmd_train, config_overrides=True)
