@@ -79,6 +79,10 @@ class BridgeConfig:
     residual: Literal["paper", "plain"] = "paper"
     seed: int = 0  # seeds the random initialization of the bridge, the new LM head and a random small model
     every: int = 4  # coupling: prompt: a gated cross-attention layer after every `every`-th small block
+    # "paper": random bridge, small model and head (the paper). "large": start at the large model's own predictions
+    # (identity small blocks, a truncated read-out of its states, its head refitted; warm_start.py), applied when a
+    # training run starts; coupling: stream with large.layer: -1 only.
+    init: Literal["paper", "large"] = "paper"
 
     def problems(self, where: str) -> list[str]:
         out = []
@@ -214,6 +218,12 @@ class LLMModulesConfig:
         problems += self.data.problems("data") + self.train.problems("train")
         if self.vocab_size is not None and self.vocab_size < 1:
             problems.append(f"vocab_size: {self.vocab_size} must be >= 1")
+        if self.bridge.init == "large":  # the large model's own prediction, read from its last state by the bridge
+            if self.coupling != "stream":
+                problems.append(f"bridge.init: large needs coupling: stream (the paper's bridge), not {self.coupling!r}")
+            if self.large.layer != -1:
+                problems.append(f"bridge.init: large needs large.layer: -1 (the state the large model's head reads), "
+                                f"not {self.large.layer}")
         collect(problems, "invalid config")
 
     # ---- dict / YAML round-trip -------------------------------------------------------------------------

@@ -90,6 +90,11 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     # load the large model (accelerate's collective timeout bounds the wait: build big caches with cache-features).
     with accelerator.main_process_first():
         model, features = build_model_and_features(cfg, data, tokenizer, model, log)
+    if cfg.bridge.init == "large" and not (resume and ckpt.latest_training_checkpoint(out / "checkpoints",
+                                                                                      log=lambda *a: None)):
+        from .warm_start import warm_start_run  # a resumed run restores its trained weights instead
+
+        warm_start_run(model, cfg, data.train, features["train"] if features else None, log=log)
     if data.skipped:
         ckpt.atomic_write_text(out / "skipped_records.jsonl",
                                "".join(json.dumps(list(s)) + "\n" for s in data.skipped))

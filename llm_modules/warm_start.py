@@ -1,0 +1,187 @@
+"""`bridge.init: large`: the combined model starts at the large model's own next-token predictions.
+
+The large model predicts `logits_L = W s` from its final (normed) hidden state s (D_L) through its LM head W
+(V x D_L). The combined model predicts `logits_C = H n(b(s) + p)` through the small model's blocks, where b is the
+bridge, p the small model's position embedding, n its final norm and H the new head. The initialization:
+
+1. **Identities.** The last projection of every residual branch of the small model (attention output, MLP
+   output) and its learned position table start at zero, so every block passes its input through unchanged.
+   In the bridge, the FFN path's output norm starts at zero and each Enhanced Cross-Attention adds nothing (its
+   attention output projection and its adapter's output norm start at zero), so whatever the gate and the
+   residual mode (`paper` or `plain`) the bridge returns `proj(pre_proj(s))` exactly; `pre_proj` starts as the
+   identity. Then `logits_C = H n(P s)` with P the projection's weight. Each zeroed piece still receives gradients
+   (through the residual stream or the adapter's own residual), so training opens the paths it needs.
+2. **Subspace.** The small width D_S (less one dimension, which a LayerNorm removes with the mean) keeps r <= D_L
+   directions of s. P = Q B: B (r x D_L) keeps the directions that carry most of the large model's logits over the
+   training states (the top right singular vectors of W C^1/2, with C = E[s s^T] over those states, taken back
+   through C^-1/2: the best rank-r approximation of W s over that data); Q embeds them orthonormally in D_S,
+   orthogonal to the all-ones vector, so the norm's mean removal does nothing and it only rescales.
+3. **Head.** H = W M with M the least-squares read-out of s from the normed features n(P s) on the training states
+   (the probe's method, probe.py): the head that best reproduces the large model's logits through the actual small
+   model, its final norm's rescaling included. Where D_S - 1 >= D_L nothing is truncated and the combined model
+   reproduces the large model up to that rescaling (exactly when |s| is the same for every token, as for a final
+   RMSNorm with unit weight).
+
+Costs: one D_L x D_L Gram matrix of the large head, a few D_L- and D_S-sized solves, and the small model run once
+over the collected states. Only the trainable weights change; the large model's head is read once and never
+trained or saved.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .prompt_coupling import block_list
+
+# The last projection of a block's attention and MLP branches, by Hugging Face module name (GPT-2, GPT-Neo, Llama,
+# Qwen2, Gemma, OPT ...); every block must have exactly two.
+RESIDUAL_OUTPUTS = ("out_proj", "o_proj", "c_proj", "down_proj", "fc2")
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def _zero(*modules: nn.Module) -> None:
+    for m in modules:
+        for p in m.parameters(recurse=False):
+            p.zero_()
+
+
+def identity_blocks(small: nn.Module) -> None:
+    """Zero the residual branches' output projections and the learned position table of a small base model."""
+    for i, block in enumerate(block_list(small)):
+        outs = [m for n, m in block.named_modules() if n.rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS]
+        if len(outs) != 2:
+            raise UserError(f"bridge.init: large: block {i} of the small model ({type(block).__name__}) has "
+                            f"{len(outs)} residual output projections named {'/'.join(RESIDUAL_OUTPUTS)}, not 2 "
+                            "(attention and MLP); this small architecture is not supported by the warm start")
+        _zero(*outs)
+    for name in POSITION_TABLES:
+        table = getattr(small, name, None)
+        if isinstance(table, nn.Embedding):
+            _zero(table)
+
+
+def silent_bridge(bridge: nn.Module) -> None:
+    """The bridge returns proj(pre_proj(s)) and pre_proj is the identity."""
+    with torch.no_grad():
+        bridge.pre_proj.weight.copy_(torch.eye(bridge.pre_proj.in_features))
+        bridge.pre_proj.bias.zero_()
+    _zero(bridge.ffn[-1])  # the FFN path's output LayerNorm: weight and bias 0 -> the path outputs 0
+    for layer in bridge.layers:
+        _zero(layer.cross_attn.out_proj, layer.adapter.norm)
+
+
+def mean_free_basis(d: int, r: int, centred: bool, seed: int = 0) -> torch.Tensor:
+    """(d, r) orthonormal columns, orthogonal to the all-ones vector when `centred` (a LayerNorm follows)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, r + centred, generator=g, dtype=torch.float64)
+    if centred:
+        a[:, 0] = 1.0
+    q, _ = torch.linalg.qr(a)
+    return q[:, int(centred):]
+
+
+def logit_subspace(head: torch.Tensor, states: torch.Tensor, r: int, ridge: float = 1e-6) -> torch.Tensor:
+    """(r, D_L) B whose rows span the r directions of s that carry most of W s over `states` (N, D_L)."""
+    s = states.double()
+    c = s.T @ s / len(s)
+    c += ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)
+    e, u = torch.linalg.eigh(c)
+    c_half, c_inv_half = (u * e.sqrt()) @ u.T, (u / e.sqrt()) @ u.T
+    gram = head.double().T @ head.double()  # (D_L, D_L): W^T W
+    _, vecs = torch.linalg.eigh(c_half @ gram @ c_half)
+    return vecs[:, -r:].flip(1).T @ c_inv_half  # top r first
+
+
+@torch.no_grad()
+def normed_features(model, z: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """The small model's final hidden states for bridge outputs z (N, D_S), as independent short rows (the blocks
+    are identities, so positions do not interact)."""
+    n, d = z.shape
+    chunk = min(chunk, model.position_limits["small"] or chunk)
+    pad = (-n) % chunk
+    rows = torch.cat([z, z.new_zeros(pad, d)]).view(-1, chunk, d).to(model.lm_head.weight.dtype)
+    out = torch.cat([model.small(inputs_embeds=r[None]).last_hidden_state[0] for r in rows])
+    return out[:n].double()
+
+
+@torch.no_grad()
+def warm_start(model, head: torch.Tensor, states: torch.Tensor, ridge: float = 1e-6) -> dict:
+    """Initialize `model` (coupling stream) so that it predicts what the large model with LM head `head`
+    (V_large, D_L) predicts, fitted on the large model's final states `states` (N, D_L) of the training data.
+    Returns what was done: the kept rank and the fit's residual."""
+    if model.bridge is None or not hasattr(model.bridge, "proj"):
+        raise UserError("bridge.init: large applies to coupling: stream (the paper's bridge)")
+    V = model.lm_head.out_features
+    W = head[:V].double()  # the large model's logits over the tokens the output vocabulary has
+    d_large, d_small = W.shape[1], model.lm_head.in_features
+    was_training = model.training
+    model.eval()
+    identity_blocks(model.small)
+    silent_bridge(model.bridge)
+    centred = _final_norm_centres(model)
+    r = min(d_small - int(centred), d_large)
+    s = states.double()
+    B = torch.eye(d_large, dtype=torch.float64) if r == d_large else logit_subspace(W, s, r, ridge)
+    z = s @ B.T
+    P = mean_free_basis(d_small, r, centred) @ B / z.norm(dim=1).median()  # (D_S, D_L), |P s| ~ 1
+    model.bridge.proj.weight.copy_(P.to(model.bridge.proj.weight.dtype))
+    model.bridge.proj.bias.zero_()
+    f = normed_features(model, s @ P.T)  # (N, D_S): what the head will read
+    gram = f.T @ f + ridge * len(f) * torch.eye(d_small, dtype=torch.float64)
+    M = torch.linalg.solve(gram, f.T @ s).T  # (D_L, D_S): least-squares read-out of s from f
+    model.lm_head.weight.copy_((W @ M).to(model.lm_head.weight.dtype))
+    model.train(was_training)
+    residual = float(((f @ M.T - s).norm(dim=1) / s.norm(dim=1)).mean())
+    return {"rank": r, "large_width": d_large, "small_width": d_small, "states": len(s),
+            "relative_readout_error": residual}
+
+
+def _final_norm_centres(model) -> bool:
+    """Whether the small model's final norm removes the mean (LayerNorm: adding a constant to every channel changes
+    nothing) or not (RMSNorm). The blocks are identities by now, so the model is its final norm."""
+    e = torch.zeros(1, 1, model.lm_head.in_features, dtype=model.lm_head.weight.dtype)
+    e[..., 0] = 1.0
+    a, b = (model.small(inputs_embeds=x).last_hidden_state for x in (e, e + 2.0))
+    return bool(torch.allclose(a, b, atol=1e-5))
+
+
+@torch.no_grad()
+def training_states(model, examples, features=None, max_tokens: int = 20_000) -> torch.Tensor:
+    """(N, D_L) the large model's final states at the target positions of the first training examples: from the
+    feature cache (`features`, a features.SplitFeatures) when there is one, else from the live large model."""
+    out, n = [], 0
+    for i, ex in enumerate(examples):
+        keep = torch.tensor(ex.labels[1:]) != -100  # positions that predict a target token
+        if features is not None:
+            states = features.get(i)
+        else:
+            ids = torch.tensor([ex.input_ids])
+            states = model.source_states(ids, torch.ones_like(ids), torch.arange(len(ex))[None])[0]
+        out.append(states[:-1][keep].float())
+        n += int(keep.sum())
+        if n >= max_tokens:
+            break
+    if n == 0:
+        raise UserError("bridge.init: large fits the head on the training examples' target tokens, and there are none")
+    return torch.cat(out)[:max_tokens]
+
+
+def warm_start_run(model, cfg, examples, features=None, log=print) -> dict:
+    """`bridge.init: large` for a training run that starts from scratch: the large head read once, the states of
+    the training data (cache or live model), the fit; logs what it did and how long it took."""
+    import time
+
+    from .distill import load_teacher_head
+
+    t0 = time.perf_counter()
+    head = load_teacher_head(cfg)
+    states = training_states(model, examples, features)
+    report = warm_start(model, head, states)
+    report["seconds"] = time.perf_counter() - t0
+    log(f"bridge.init: large: kept {report['rank']} of the large model's {report['large_width']} state dimensions, "
+        f"head fitted on {report['states']:,} training tokens (read-out error {report['relative_readout_error']:.3f}) "
+        f"in {report['seconds']:.1f} s")
+    return report
