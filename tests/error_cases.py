@@ -161,6 +161,13 @@ def _train(*args: str, steps: int = 1) -> list[str]:
     return ["train", "--config", TINY, "--output-dir", "{tmp}/run", "--max-steps", str(steps), *args]
 
 
+def _port_in_use(tmp: Path) -> ContextManager:
+    import socket
+
+    return mock.patch.object(socket.socket, "bind", side_effect=OSError(errno.EADDRINUSE,
+                                                                         os.strerror(errno.EADDRINUSE)))
+
+
 LONG_PROMPT = "x" * 1500
 LONG_BUT_FITS = "x" * 990
 
@@ -197,6 +204,9 @@ CASES: list[Case] = [
          given="a saved model whose config.yaml no longer names its byte-level tokenizer"),
     Case("checkpoint directory without a checkpoint", ["generate", "--checkpoint", "{tmp}", "--prompt", "hi"], 2,
          "no checkpoint there", given="an empty directory"),
+    Case("serve: port already in use", ["serve", "--checkpoint", "{tmp}/ckpt", "--port", "8000"], 2,
+         "--host 127.0.0.1 --port 8000: cannot listen there (Address already in use)", _checkpoint(),
+         patch=_port_in_use, given="another program listens on port 8000 (simulated in-process)"),
     Case("weights: unknown name", ["weights", "fetch", "qwen-9000"], 2, "unknown weights 'qwen-9000'"),
     Case("weights cache: partial (interrupted), offline",
          ["weights", "fetch", SMOLLM, "--cache-dir", "{tmp}/cache"], 2,
