@@ -94,6 +94,15 @@ def load_backbone(
     return model
 
 
+def load_causal_lm(spec: ModelSpec, where: str) -> PreTrainedModel:
+    """The whole causal LM (AutoModelForCausalLM: blocks, final norm and its own LM head) described by `spec`: its
+    pretrained weights when `spec` names a model, else random weights from its inline config, seeded with
+    model.INLINE_LARGE_SEED (as the large model is built), so every call builds the same model."""
+    from .model import INLINE_LARGE_SEED  # lazy: model.py imports this module
+
+    return load_backbone(spec, pretrained=True, seed=INLINE_LARGE_SEED, where=where, with_head=True)
+
+
 def hidden_size(config: PretrainedConfig) -> int:
     return int(config.hidden_size)
 
