@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
-    p.add_argument("--checkpoint", required=True, help="save_pretrained directory or a training output directory")
+    p.add_argument("--checkpoint", required=True, help="save_pretrained directory or a training output directory "
+                                                       "(with --large-only also a config YAML)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together in one batch")

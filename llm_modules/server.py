@@ -847,7 +847,9 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, max_bat
     """Load the checkpoint and serve it until interrupted (the `serve` subcommand)."""
     from .__main__ import resolve_checkpoint
 
-    resolve_checkpoint(checkpoint)  # a missing checkpoint is an error before anything else happens
+    path = Path(checkpoint)
+    if not (large_only and path.is_file()):  # the large model alone may also come from a config YAML
+        resolve_checkpoint(checkpoint)  # a missing checkpoint is an error before anything else happens
     if max_batch_size < 1:
         raise UserError(f"--max-batch-size {max_batch_size}: must be >= 1")
     if model_name is not None and not model_name.strip():
@@ -855,7 +857,7 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, max_bat
     sock = bind(host, port)  # before the model loads: a busy port is an error at once
     try:
         engine = load_engine(checkpoint, large_only=large_only, max_batch_size=max_batch_size)
-        name = model_name or Path(checkpoint).resolve().name
+        name = model_name or (path.stem if path.is_file() else path.resolve().name)
         app = create_app(engine, name, api_key)
         where = sock.getsockname()
         if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
