@@ -12,6 +12,7 @@ from typing import Optional
 import yaml
 
 from .errors import UserError
+from .loading import resolve_checkpoint
 
 
 # ---- config + dotted overrides --------------------------------------------------------------------------------
@@ -54,21 +55,6 @@ def load_config(path: str, overrides: list[tuple[str, object]] = (), **train: ob
         if v is not None:
             d.setdefault("train", {})[k] = v
     return LLMModulesConfig.from_dict(d, where=path)
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A save_pretrained directory, or a training output directory (its best, else latest, checkpoint)."""
-    from .checkpoint import CONFIG_NAME, latest_training_checkpoint
-
-    d = Path(path)
-    if (d / CONFIG_NAME).is_file():
-        return d
-    if (d / "best" / CONFIG_NAME).is_file():
-        return d / "best"
-    latest = latest_training_checkpoint(d / "checkpoints")
-    if latest is not None:
-        return latest
-    raise UserError(f"--checkpoint {path}: no checkpoint there (expected {CONFIG_NAME}, best/ or checkpoints/)")
 
 
 # ---- subcommands ----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from .errors import UserError
+from .loading import load_for_eval
 from .model import positions_from_mask
 
 MODEL_NAME = "llm-modules"
@@ -47,44 +48,6 @@ def _register(cls):
     # `python -m llm_modules.harness` runs this file as __main__ too; only the importable copy registers, since a
     # second registration of the name under another class object is an error in lm-eval.
     return cls if __name__ == "__main__" else register_model(MODEL_NAME)(cls)
-
-
-def load_for_eval(checkpoint: Union[str, Path], large_only: bool):
-    """(model, tokenizer, LLMModulesConfig, default max_length) for a checkpoint, or its large model alone (its own
-    LM head; `checkpoint` may then also be a config YAML)."""
-    from .__main__ import resolve_checkpoint
-    from .checkpoint import CONFIG_NAME
-    from .config import LLMModulesConfig
-    from .model import LLMModules, load_model_tokenizer
-
-    path = Path(checkpoint)
-    if not large_only:
-        model = LLMModules.from_pretrained(resolve_checkpoint(str(path)))
-        limits = [n for n in model.position_limits.values() if n is not None]
-        return model, model.tokenizer, model.config, min(limits) if limits else model.config.data.max_length
-    from transformers import AutoModelForCausalLM
-
-    from .backbones import DTYPE, load_config, resolve_path, seeded
-    from .model import INLINE_LARGE_SEED
-
-    cfg = LLMModulesConfig.from_yaml(path if path.is_file() else resolve_checkpoint(str(path)) / CONFIG_NAME)
-    spec = cfg.large
-    if spec.name_or_path is not None:
-        kw = {"revision": spec.revision, "gguf_file": spec.gguf_file, "dtype": DTYPE[spec.dtype], **spec.overrides}
-        try:
-            model = AutoModelForCausalLM.from_pretrained(resolve_path(spec), **kw)
-        except (OSError, ValueError) as e:
-            raise UserError(f"large_only: cannot load a causal LM from {spec.name_or_path!r} ({e}); give a local "
-                            "directory, a reachable hub id or an offline weight name") from None
-    else:  # an inline large model is random: seeded so that runs agree, but it is not the checkpoint's large model
-        with seeded(INLINE_LARGE_SEED):
-            model = AutoModelForCausalLM.from_config(load_config(spec, "large"), dtype=DTYPE[spec.dtype])
-    c = model.config
-    limit = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or cfg.data.max_length
-    return model, load_model_tokenizer(cfg), cfg, limit
-
-
-_load = load_for_eval  # TODO(remove once server.py / test_server.py use load_for_eval)
 
 
 def _batches(keys: Sequence, batch_size: int):

@@ -582,14 +582,10 @@ def load_engine(checkpoint: Union[str, Path], *, large_only: bool = False, max_b
     import argparse
 
     if large_only:
-        try:
-            from . import harness
-        except ImportError as e:
-            raise UserError(f"--large-only loads the large model through llm_modules.harness: {e}") from None
+        from .loading import load_for_eval
         from .row_split import split_rows
 
-        load = getattr(harness, "load_for_eval", None) or harness._load  # the loader's new name, and its old one
-        lm, tokenizer, cfg, limit = load(checkpoint, large_only=True)
+        lm, tokenizer, cfg, limit = load_for_eval(checkpoint, large_only=True)
         split_rows(lm.eval().requires_grad_(False))
         gen_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
         eos = ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])) + [getattr(tokenizer, "eos_token_id",
@@ -845,7 +841,7 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, max_bat
           api_key: Optional[str] = None, large_only: bool = False, model_name: Optional[str] = None,
           log_level: str = "info") -> int:
     """Load the checkpoint and serve it until interrupted (the `serve` subcommand)."""
-    from .__main__ import resolve_checkpoint
+    from .loading import resolve_checkpoint
 
     path = Path(checkpoint)
     if not (large_only and path.is_file()):  # the large model alone may also come from a config YAML

@@ -200,9 +200,11 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
-def _answer_length(row: list[int], eos: Optional[int]) -> int:
-    """Tokens a row really generated: up to and including its eos (finished rows are padded after it)."""
-    return row.index(eos) + 1 if eos is not None and eos in row else len(row)
+def _decode(tokenizer, row: list[int]) -> tuple[str, int]:
+    """(text, tokens) a row really generated: up to and including its eos (finished rows are padded after it)."""
+    eos = tokenizer.eos_token_id
+    n = row.index(eos) + 1 if eos is not None and eos in row else len(row)
+    return tokenizer.decode(row[:n], skip_special_tokens=True), n
 
 
 class ArmGenerator:
@@ -217,33 +219,48 @@ class ArmGenerator:
 
         ids, mask, extra = prompt_batch(self.model, conversations)
         new = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, stop=list(stop), model_kwargs=extra)
-        return [self._decode(row) for row in new.tolist()]
-
-    def _decode(self, row: list[int]) -> tuple[str, int]:
-        n = _answer_length(row, self.tokenizer.eos_token_id)
-        return self.tokenizer.decode(row[:n], skip_special_tokens=True), n
+        return [_decode(self.tokenizer, row) for row in new.tolist()]
 
 
-class LargeGenerator(ArmGenerator):
-    """The large model alone (its own LM head) answering through its tokenizer's own chat template."""
+class HFGenerator:
+    """A Hugging Face causal LM answering through `transformers` `generate`: the large model alone with its
+    tokenizer's own chat template (`training_format` None), or a fine-tuned baseline with the prompt format it was
+    trained with (`training_format` = its data config)."""
 
-    def __init__(self, lm, tokenizer):
-        self.model, self.tokenizer = lm, tokenizer
+    def __init__(self, lm, tokenizer, training_format=None):
+        self.model, self.tokenizer, self.data = lm, tokenizer, training_format
+
+    def encode(self, conversation: list[dict]) -> list[int]:
+        if self.data is None:
+            return list(self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True,
+                                                           return_dict=False))
+        from .prompts import encode_prompt, with_system_prompt
+
+        return encode_prompt(with_system_prompt(conversation, self.data.system_prompt), self.data.format,
+                             self.tokenizer)
 
     def generate(self, conversations: list[list[dict]], max_new_tokens: int, stop: Sequence[str]
                  ) -> list[tuple[str, int]]:
         from .backbones import quiet_transformers
 
         tok = self.tokenizer
-        rows = [tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True, return_dict=False)
-                for c in conversations]
-        ids, mask = _left_pad([list(r) for r in rows], tok.pad_token_id)
+        ids, mask = _left_pad([self.encode(c) for c in conversations], tok.pad_token_id)
         with quiet_transformers():  # the checkpoint's sampling defaults do not apply to greedy decoding
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, temperature=None, top_p=None, top_k=None,
                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                       stop_strings=list(stop) or None, tokenizer=tok)
-        return [self._decode(row) for row in out[:, ids.shape[1]:].tolist()]
+        return [_decode(tok, row) for row in out[:, ids.shape[1]:].tolist()]
+
+
+def generator_for(model, tokenizer, cfg, large_only: bool):
+    """Who answers: an LLMModules arm in its training format, the large model alone through its chat template, or
+    a fine-tuned baseline (a plain Hugging Face model) in its training format."""
+    from .model import LLMModules
+
+    if isinstance(model, LLMModules):
+        return ArmGenerator(model)
+    return HFGenerator(model, tokenizer, None if large_only else cfg.data)
 
 
 @torch.no_grad()
@@ -327,10 +344,7 @@ def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = Fals
                    log=print) -> tuple[list[dict], list[dict]]:
     """Run benchmark `names` on a checkpoint (or its large model alone); (per-item rows, one summary per task).
     `max_new_tokens` replaces the generation tasks' own budgets (facts 32, gsm8k 256, math500 512)."""
-    try:
-        from .harness import LLMModulesLM, load_for_eval
-    except ImportError as e:  # lm-eval is an optional extra
-        raise UserError(str(e)) from None
+    from .loading import load_for_eval
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: give a positive number of items per task")
@@ -338,8 +352,7 @@ def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = Fals
         raise UserError(f"--batch-size {batch_size}: give a positive integer")
     root = find_data_dir(data_dir)
     loaded = load_for_eval(checkpoint, large_only)
-    model, tokenizer = loaded[0].eval(), loaded[1]
-    generator = LargeGenerator(model, tokenizer) if large_only else ArmGenerator(model)
+    generator = generator_for(loaded[0].eval(), loaded[1], loaded[2], large_only)
     rows: list[dict] = []
     summaries: list[dict] = []
     for name in [n for n in names if n in GENERATION_TASKS]:
@@ -357,7 +370,12 @@ def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = Fals
     mc = [n for n in names if n in LOGLIKELIHOOD_TASKS]
     if mc:
         log(f"{', '.join(mc)}: log-likelihood of each choice through lm-evaluation-harness, batch {batch_size}")
-        lm = LLMModulesLM(loaded=loaded, large_only=large_only, batch_size=batch_size)
+        try:
+            from .harness import LLMModulesLM
+        except ImportError as e:  # lm-eval is an optional extra
+            raise UserError(str(e)) from None
+        # large_only=True: a plain Hugging Face causal LM (the large model alone, or a fine-tuned baseline)
+        lm = LLMModulesLM(loaded=loaded, large_only=isinstance(generator, HFGenerator), batch_size=batch_size)
         for name, (got, extra) in run_loglikelihood(mc, lm, root, limit).items():
             summaries.append(summarize(name, "acc_norm (lm-eval; acc also given)", [r["correct"] for r in got],
                                        **extra))

@@ -301,10 +301,9 @@ def test_other_couplings_and_the_large_model_alone(tmp_path_factory, ckpt, varia
         streamed = client.chat.completions.create(model="m", messages=USER, max_tokens=8, temperature=0, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in streamed) == out.choices[0].message.content
         if variant == "large-only":
-            from llm_modules import harness
+            from llm_modules.loading import load_for_eval
 
-            load = getattr(harness, "load_for_eval", None) or harness._load
-            lm, tok, _, limit = load(d, large_only=True)
+            lm, tok, _, limit = load_for_eval(d, large_only=True)
             assert engine.context == limit == 4096
             ids = tok.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
             ids = torch.tensor([tok(ids, add_special_tokens=False)["input_ids"]])

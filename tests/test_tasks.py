@@ -103,7 +103,7 @@ def test_large_only_and_an_arm_answer_through_the_same_function(checkpoint, monk
         assert [r["id"] for r in rows] == [f"facts/{f.relation}/{f.subject}" for f in tasks.facts_split(DATA)[1][:3]]
         assert summary["n"] == 3 and summary["large_only"] is large_only and 0 <= summary["accuracy"] <= 1
         assert set(summary["per_relation"]) == {r["relation"] for r in rows}
-    assert seen == ["ArmGenerator", "LargeGenerator"]
+    assert seen == ["ArmGenerator", "HFGenerator"]
 
 
 @needs_data
