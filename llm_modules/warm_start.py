@@ -11,24 +11,26 @@ bridge, p the small model's position embedding, n its final norm and H the new h
    residual mode (`paper` or `plain`) the bridge returns `proj(pre_proj(s))` exactly; `pre_proj` starts as the
    identity. Then `logits_C = H n(P s)` with P the projection's weight. Each zeroed piece still receives gradients
    (through the residual stream or the adapter's own residual), so training opens the paths it needs.
-2. **Subspace.** The small width D_S (less one dimension, which a LayerNorm removes with the mean) keeps r <= D_L
-   directions of s. P = Q B: B (r x D_L) keeps the directions that carry most of the large model's logits over the
-   training states (the top right singular vectors of W C^1/2, with C = E[s s^T] over those states, taken back
-   through C^-1/2: the best rank-r approximation of W s over that data); Q embeds them orthonormally in D_S,
-   orthogonal to the all-ones vector, so the norm's mean removal does nothing and it only rescales.
-3. **Head.** H = W M with M the least-squares read-out of s from the normed features n(P s) on the training states
-   (the probe's method, probe.py): the head that best reproduces the large model's logits through the actual small
-   model, its final norm's rescaling included. Where D_S - 1 >= D_L nothing is truncated and the combined model
-   reproduces the large model up to that rescaling (exactly when |s| is the same for every token, as for a final
-   RMSNorm with unit weight).
+2. **Subspace.** The small width D_S, less one dimension that a LayerNorm removes with the mean and one that
+   carries a constant (below), keeps r <= D_L directions of s. P = Q B: B (r x D_L) keeps the directions along which
+   a change of s moves the large model's distribution the most over the training states: the top eigenvectors of
+   C^1/2 F C^1/2 taken back through C^-1/2, where C = E[s s^T] and F = E[W^T (diag p - p p^T) W] is the Fisher
+   information of the large model's softmax (KL(p || p') ~ 1/2 ds^T F ds), so the truncation loses the least KL.
+   Q embeds them orthonormally in D_S, orthogonal to the all-ones vector, so a LayerNorm's mean removal does
+   nothing. The projection's bias puts a constant of 3 (the median |B s| scaled to 1) on one more orthogonal
+   direction: the final norm divides by |P s + bias|, which then varies three times less from token to token than
+   |P s| does (the large model's own logits have no such division).
+3. **Head.** H = W M with M the least-squares read-out of s from the normed features n(P s + bias) on the training
+   states (the probe's method, probe.py): the head that best reproduces the large model's logits through the actual
+   small model, its final norm included. Where D_S - 2 >= D_L nothing is truncated and the combined model
+   reproduces the large model exactly when |s| is the same for every token (a final RMSNorm with unit weight),
+   closely otherwise.
 
-Costs: one D_L x D_L Gram matrix of the large head, a few D_L- and D_S-sized solves, and the small model run once
-over the collected states. Only the trainable weights change; the large model's head is read once and never
-trained or saved.
+Costs: the large head over 4,096 training states (the Fisher metric), a few D_L- and D_S-sized solves, and the
+small model run once over the collected states (at most 20,000 target tokens). Only the trainable weights change;
+the large model's head is read once and never trained or saved.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -83,15 +85,31 @@ def mean_free_basis(d: int, r: int, centred: bool, seed: int = 0) -> torch.Tenso
     return q[:, int(centred):]
 
 
-def logit_subspace(head: torch.Tensor, states: torch.Tensor, r: int, ridge: float = 1e-6) -> torch.Tensor:
-    """(r, D_L) B whose rows span the r directions of s that carry most of W s over `states` (N, D_L)."""
+@torch.no_grad()
+def fisher_metric(head: torch.Tensor, states: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(D_L, D_L) E_i[W^T (diag p_i - p_i p_i^T) W]: how much a change of s moves the large model's distribution
+    (the Fisher information of its softmax; KL(p || p') ~ 1/2 ds^T F ds), averaged over `states`."""
+    W = head.float()
+    mass = torch.zeros(len(W), dtype=torch.float64)
+    means = []
+    for c in states.float().split(chunk):
+        p = torch.softmax(c @ W.T, dim=-1)  # (n, V)
+        mass += p.sum(0).double()
+        means.append((p @ W).double())  # (n, D_L): E_p[w_v] per state
+    mu = torch.cat(means)
+    Wd = head.double()
+    return ((Wd * mass[:, None]).T @ Wd - mu.T @ mu) / len(states)
+
+
+def logit_subspace(metric: torch.Tensor, states: torch.Tensor, r: int, ridge: float = 1e-6) -> torch.Tensor:
+    """(r, D_L) B: the rank-r read-out of s that loses the least in `metric` over `states` (N, D_L), i.e. the top r
+    eigenvectors of C^1/2 F C^1/2 taken back through C^-1/2, with C = E[s s^T]."""
     s = states.double()
     c = s.T @ s / len(s)
     c += ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)
     e, u = torch.linalg.eigh(c)
     c_half, c_inv_half = (u * e.sqrt()) @ u.T, (u / e.sqrt()) @ u.T
-    gram = head.double().T @ head.double()  # (D_L, D_L): W^T W
-    _, vecs = torch.linalg.eigh(c_half @ gram @ c_half)
+    _, vecs = torch.linalg.eigh(c_half @ metric @ c_half)
     return vecs[:, -r:].flip(1).T @ c_inv_half  # top r first
 
 
@@ -108,31 +126,37 @@ def normed_features(model, z: torch.Tensor, chunk: int = 128) -> torch.Tensor:
 
 
 @torch.no_grad()
-def warm_start(model, head: torch.Tensor, states: torch.Tensor, ridge: float = 1e-6) -> dict:
+def warm_start(model, head: torch.Tensor, states: torch.Tensor, *, ridge: float = 1e-6, constant: float = 3.0,
+               fisher_tokens: int = 4096) -> dict:
     """Initialize `model` (coupling stream) so that it predicts what the large model with LM head `head`
     (V_large, D_L) predicts, fitted on the large model's final states `states` (N, D_L) of the training data.
-    Returns what was done: the kept rank and the fit's residual."""
+    `constant`: the size of a constant channel added to the projection (relative to the median |P s| = 1), so the
+    final norm's division by |P s| varies less from token to token. Returns what was done."""
     if model.bridge is None or not hasattr(model.bridge, "proj"):
         raise UserError("bridge.init: large applies to coupling: stream (the paper's bridge)")
     V = model.lm_head.out_features
-    W = head[:V].double()  # the large model's logits over the tokens the output vocabulary has
+    W = head[:V]  # the large model's logits over the tokens the output vocabulary has
     d_large, d_small = W.shape[1], model.lm_head.in_features
     was_training = model.training
     model.eval()
     identity_blocks(model.small)
     silent_bridge(model.bridge)
     centred = _final_norm_centres(model)
-    r = min(d_small - int(centred), d_large)
+    spare = d_small - int(centred)  # dimensions the final norm leaves
+    r = min(spare - 1, d_large) if constant else min(spare, d_large)
     s = states.double()
-    B = torch.eye(d_large, dtype=torch.float64) if r == d_large else logit_subspace(W, s, r, ridge)
-    z = s @ B.T
-    P = mean_free_basis(d_small, r, centred) @ B / z.norm(dim=1).median()  # (D_S, D_L), |P s| ~ 1
+    if r == d_large:
+        B = torch.eye(d_large, dtype=torch.float64)
+    else:
+        B = logit_subspace(fisher_metric(W, states[:fisher_tokens]), s, r, ridge)
+    basis = mean_free_basis(d_small, r + bool(constant), centred)
+    P = basis[:, :r] @ B / (s @ B.T).norm(dim=1).median()  # (D_S, D_L), median |P s| = 1
     model.bridge.proj.weight.copy_(P.to(model.bridge.proj.weight.dtype))
-    model.bridge.proj.bias.zero_()
-    f = normed_features(model, s @ P.T)  # (N, D_S): what the head will read
+    model.bridge.proj.bias.copy_((constant * basis[:, r] if constant else torch.zeros(d_small)).to(P.dtype))
+    f = normed_features(model, s @ P.T + model.bridge.proj.bias.double())  # (N, D_S): what the head will read
     gram = f.T @ f + ridge * len(f) * torch.eye(d_small, dtype=torch.float64)
     M = torch.linalg.solve(gram, f.T @ s).T  # (D_L, D_S): least-squares read-out of s from f
-    model.lm_head.weight.copy_((W @ M).to(model.lm_head.weight.dtype))
+    model.lm_head.weight.copy_((W.double() @ M).to(model.lm_head.weight.dtype))
     model.train(was_training)
     residual = float(((f @ M.T - s).norm(dim=1) / s.norm(dim=1)).mean())
     return {"rank": r, "large_width": d_large, "small_width": d_small, "states": len(s),
