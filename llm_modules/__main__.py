@@ -5,6 +5,7 @@ User mistakes (UserError) print one message to stderr and exit with status 2, wi
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -35,6 +36,8 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; a number is what is meant
         out.append((key[2:], value))
     return out
 
@@ -69,8 +72,33 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
+def cmd_finetune(args, extra) -> int:
+    from .finetune import train_finetune
+
+    cfg = load_config(args.config, parse_overrides(extra), output_dir=args.output_dir, max_steps=args.max_steps)
+    summary = train_finetune(cfg, method=args.method, base=args.base, output_dir=cfg.train.output_dir,
+                             target_params=args.target_params, rank=args.rank, lr=args.lr)
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
 def cmd_experiment(args, extra) -> int:
-    from .experiment import ARMS, run_experiment
+    from .experiment import ARMS, SUITES, run_experiment
+
+    cfg = load_config(args.config, parse_overrides(extra))
+    chosen = {}
+    for flag, given, known in (("--suites", args.suites, SUITES), ("--arms", args.arms, ARMS)):
+        names = given.split(",") if given else list(known)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UserError(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+        chosen[flag] = names
+    run_experiment(cfg, Path(args.output_dir), suites=chosen["--suites"], arms=chosen["--arms"], quick=args.quick)
+    return 0
+
+
+def cmd_ablations(args, extra) -> int:
+    from .ablations import ARMS, run_experiment
 
     cfg = load_config(args.config, parse_overrides(extra))
     arms = args.arms.split(",") if args.arms else list(ARMS)
@@ -149,7 +177,7 @@ def cmd_demo(args, extra) -> int:
     from .demo import run_demo
 
     cfg = load_config(args.config, parse_overrides(extra))
-    run_demo(cfg, Path(args.output_dir), eval_examples=args.eval_examples)
+    run_demo(cfg, Path(args.output_dir), questions=args.questions, steps=args.steps)
     return 0
 
 
@@ -311,6 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-nonfinite", type=int, help="tolerate up to N steps with a non-finite loss")
     p.set_defaults(func=cmd_train, config_overrides=True)
 
+    p = sub.add_parser("finetune", help="a baseline: LoRA on the large model, or a pretrained small model "
+                                        "fine-tuned alone, on the same data, batches and steps as `train`")
+    p.add_argument("--config", required=True)
+    p.add_argument("--method", choices=["lora", "full"], required=True)
+    p.add_argument("--base", choices=["large", "small"], required=True,
+                   help="the config's large model, or its small model (small.pretrained: true, kept whole)")
+    p.add_argument("--output-dir")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (also the schedule's horizon, as for train)")
+    p.add_argument("--rank", type=int, help="LoRA rank (or --target-params)")
+    p.add_argument("--target-params", type=int, help="LoRA: the rank whose trainable count is closest to this")
+    p.add_argument("--lr", type=float, help="learning rate (default train.lr_small)")
+    p.set_defaults(func=cmd_finetune, config_overrides=True)
+
     p = sub.add_parser("eval", help="benchmarks (--task), or held-out loss / perplexity / exact match of a checkpoint")
     p.add_argument("--checkpoint", required=True,
                    help="a save_pretrained or training output directory (with --large-only also a config YAML)")
@@ -334,19 +375,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("experiment", help="the paper's claims and next steps as arms trained alike")
+    p = sub.add_parser("experiment", help="knowledge transfer on real benchmarks: every arm (large alone, combined x 2 "
+                                          "inits, small alone, distilled, prompt coupling, SmolLM2 fine-tuned, LoRA)")
+    p.add_argument("--config", default="configs/default.yaml", help="the models and training settings of the arms")
+    p.add_argument("--suites", help="comma-separated: facts, gsm8k (default: both)")
+    p.add_argument("--arms", help="comma-separated subset (default: all)")
+    p.add_argument("--quick", action="store_true", help="every arm on small slices (minutes): a check, not results")
+    p.add_argument("--output-dir", default="runs/experiment")
+    p.set_defaults(func=cmd_experiment, config_overrides=True)
+
+    p = sub.add_parser("ablations", help="the paper's claims and next steps (gate, layers, probe) as arms trained "
+                                         "alike on one config's data")
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--budget", type=int, help="optimizer steps per arm (default: the config's epochs)")
     p.add_argument("--arms", help="comma-separated subset (default: all)")
-    p.add_argument("--output-dir", default="runs/experiment")
+    p.add_argument("--output-dir", default="runs/ablations")
     p.add_argument("--eval-examples", type=int, default=24)
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.set_defaults(func=cmd_experiment, config_overrides=True)
+    p.set_defaults(func=cmd_ablations, config_overrides=True)
 
-    p = sub.add_parser("demo", help="the main job end to end: combined vs small alone on real weights")
+    p = sub.add_parser("demo", help="the main job end to end on real weights: held-out facts answered by the "
+                                    "combined model, the small model alone and the large model alone")
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--eval-examples", type=int, default=24, help="held-out questions answered by each arm")
+    p.add_argument("--questions", type=int, default=200, help="held-out facts asked to each model")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps of each trained arm (batch 16)")
     p.set_defaults(func=cmd_demo, config_overrides=True)
 
     p = sub.add_parser("cache-features", help="run the large model once over the data and store its states")

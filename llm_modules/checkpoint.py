@@ -199,10 +199,12 @@ def latest_training_checkpoint(root: Path, log=print) -> Optional[Path]:
     return None
 
 
-def prune_checkpoints(root: Path, keep: int) -> None:
-    """Keep the newest `keep` step checkpoints (the one before the latest stays as a fallback)."""
+def prune_checkpoints(root: Path, keep: int, keep_every: Optional[int] = None) -> None:
+    """Keep the newest `keep` step checkpoints (the one before the latest stays as a fallback), and with
+    `keep_every` those of step 0 and of its multiples (learning curves)."""
     for d in sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)[keep:]:
-        shutil.rmtree(d, ignore_errors=True)
+        if keep_every is None or int(d.name.removeprefix("step-")) % keep_every:
+            shutil.rmtree(d, ignore_errors=True)
     for tmp in root.glob(".step-*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -229,7 +231,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 # train.batch_size is not compared here: restore_latest checks the global batch (batch_size x processes), which
 # may be kept with another process count.
 RESUME_SAFE = (
-    "train.output_dir", "train.max_steps", "train.epochs", "train.save_every", "train.eval_every",
+    "train.output_dir", "train.max_steps", "train.epochs", "train.save_every", "train.keep_every", "train.eval_every",
     "train.patience", "train.num_threads", "train.tensorboard", "train.skip_nonfinite", "train.mixed_precision",
     "train.feature_cache", "train.feature_cache_dir", "train.feature_dtype", "train.batch_size",
     "data.skip_bad", "small.gradient_checkpointing",

@@ -163,6 +163,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp32 is the fast choice on CPUs without bf16 units
     eval_every: int = 100
     save_every: int = 100
+    # Keep the checkpoints of step 0 and of every multiple of keep_every (learning curves); None = the latest two only.
+    keep_every: Optional[int] = None
     patience: Optional[int] = 5  # validations without improvement before stopping; None = never stop early
     seed: int = 0
     feature_cache: Literal["off", "auto"] = "off"
@@ -181,6 +183,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 out.append(f"{where}.{name}: {getattr(self, name)} must be >= 1")
+        if self.keep_every is not None and self.keep_every < 1:
+            out.append(f"{where}.keep_every: {self.keep_every} must be >= 1 (or null)")
         if self.max_steps is not None and self.max_steps < 0:
             out.append(f"{where}.max_steps: {self.max_steps} must be >= 0")
         if not 0.0 <= self.distill_weight <= 1.0:

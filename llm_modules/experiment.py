@@ -1,173 +1,253 @@
-"""`llm-modules experiment`: the paper's claims and next steps, measured with the same data, steps and seed per arm.
+"""`llm-modules experiment`: does the small model get the large model's knowledge? Every arm, real benchmarks.
 
-Arms: the combined model (learned gate, 2 cross-attention layers); the small model alone (own token embeddings);
-the gate fixed at 0.5; 1 and 4 cross-attention layers; distillation (small alone + KL to the large model); the
-prompt coupling; the large model alone with its own head (a ceiling, evaluated only); and a probe of how much of
-the large model's prediction survives each bridge layer.
+Suites (each trains every arm on the same data, batches, steps and seed, then evaluates it with `eval --task`):
+  facts  train on the facts of the train subjects, test on held-out subjects (facts.py);
+  gsm8k  train on a GSM8K train subset, test on GSM8K test; the checkpoints are also tested zero-shot on HellaSwag
+         and ARC-Easy (whether what was learned generalizes beyond the training domain).
+Arms: the large model alone (not trained: the ceiling), the combined model with the paper's initialization and with
+the warm start (`bridge.init: large`), the small model alone and distilled, the prompt coupling with a pretrained
+SmolLM2-135M-Instruct kept whole, that SmolLM2 fine-tuned alone, and LoRA on the large model with about the combined
+model's trainable-parameter count (finetune.py).
+
+Each arm trains in a process of its own (its wall time and peak memory are its own; a training run resumes if it
+was interrupted); every evaluation is written once, as `eval --task` writes it, and found again by a rerun, which
+skips what is done. Layout: <out>/<suite>/<arm>/ (the arm's config `arm.yaml`, its training output, `train.json`,
+`eval/<tasks>.summary.json`, `curve/step-<k>.summary.json`, `speed.json`), <out>/results.json, results.md and the
+plots. docs/results.md is this command's report.
 """
 from __future__ import annotations
 
 import json
-import math
+import os
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
-
-from . import features as features_mod
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import LLMModulesConfig
-from .evaluate import answer_accuracy, extract_answer, heldout_loss, is_correct
-from .model import LLMModules
-from .plots import plot_metrics
-from .train import load_data, train
+from .errors import UserError
 
-ARMS: dict[str, dict] = {
-    "combined": {},
-    "small-alone": {"coupling": "none"},
-    "gate-fixed-0.5": {"bridge": {"gate": "fixed", "gate_value": 0.5}},
-    "layers-1": {"bridge": {"num_layers": 1}},
-    "layers-4": {"bridge": {"num_layers": 4}},
-    "distill": {"coupling": "none", "train": {"distill_weight": 0.5}},
-    "prompt-coupling": {"coupling": "prompt", "bridge": {"every": 2}},
+SMOLLM = {"name_or_path": "smollm2-135m-instruct", "config": None, "pretrained": True, "overrides": {}}
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    kind: str  # "large" (evaluated only), "train" (llm-modules train), "finetune" (llm-modules finetune)
+    over: dict = field(default_factory=dict)  # config overrides on top of the suite's config
+    method: Optional[str] = None  # finetune: lora | full
+    base: Optional[str] = None  # finetune: large | small
+    curve: bool = False  # held-out accuracy at several steps
+    note: str = ""
+
+
+ARMS = {a.name: a for a in (
+    Arm("large-alone", "large", note="the large model with its own head and chat template, not trained"),
+    Arm("combined-paper", "train", curve=True, note="the paper: random small model, bridge and head"),
+    Arm("combined-large", "train", {"bridge": {"init": "large"}, "train": {"lr_bridge": 1.0e-4, "lr_small": 1.0e-4}},
+        curve=True, note="the warm start: begins at the large model's predictions (lr 1e-4)"),
+    Arm("small-alone", "train", {"coupling": "none"}, curve=True, note="the same small model, its own embeddings"),
+    Arm("distill", "train", {"coupling": "none", "train": {"distill_weight": 0.5}},
+        note="small alone + KL to the large model's distribution (w = 0.5)"),
+    Arm("prompt-smollm", "train", {"coupling": "prompt", "small": SMOLLM, "bridge": {"every": 6},
+                                   "train": {"lr_small": 5.0e-5}},
+        note="prompt coupling, SmolLM2-135M-Instruct kept whole (its design case)"),
+    Arm("smollm-ft", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5}}, method="full", base="small",
+        note="SmolLM2-135M-Instruct fine-tuned alone"),
+    Arm("lora", "finetune", {"train": {"lr_small": 2.0e-4}}, method="lora", base="large",
+        note="LoRA on the large model, rank chosen for the combined model's trainable count"),
+)}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    data: dict  # data section overrides
+    steps: int
+    batch_size: int
+    tests: dict  # task -> items, for every arm
+    extra_tests: dict = field(default_factory=dict)  # task -> items, for `extra_arms` only
+    extra_arms: tuple = ("large-alone", "combined-paper", "combined-large", "small-alone")
+    curve_task: tuple = ("facts", 300)
+    curve_points: int = 4  # evaluated at step 0 and at every steps / curve_points
+    max_new_tokens: Optional[int] = None
+
+
+SUITES = {
+    "facts": Suite("facts", {"benchmarks": ["facts"], "reasoning_gym_tasks": [], "path": None,
+                             "val_fraction": 0.05, "max_length": 256}, steps=120, batch_size=16,
+                   tests={"facts": 600}, curve_task=("facts", 300)),
+    "gsm8k": Suite("gsm8k", {"benchmarks": ["gsm8k"], "reasoning_gym_tasks": [], "path": None,
+                             "max_examples": 1000, "val_fraction": 0.05, "max_length": 512}, steps=60, batch_size=8,
+                   tests={"gsm8k": 200}, extra_tests={"hellaswag": 500, "arc_easy": 500},
+                   curve_task=("gsm8k", 50)),
+}
+# --quick: every arm, the same code paths, small slices (minutes, not hours).
+QUICK = {
+    "facts": replace(SUITES["facts"], data={**SUITES["facts"].data, "max_examples": 400}, steps=8, batch_size=8,
+                     tests={"facts": 40}, curve_task=("facts", 20), curve_points=2),
+    "gsm8k": replace(SUITES["gsm8k"], data={**SUITES["gsm8k"].data, "max_examples": 80}, steps=4, batch_size=4,
+                     tests={"gsm8k": 8}, extra_tests={"hellaswag": 20, "arc_easy": 20}, curve_task=("gsm8k", 4),
+                     curve_points=2, max_new_tokens=64),
 }
 
 
-def arm_config(cfg: LLMModulesConfig, name: str, out: Path, budget: Optional[int], vocab: int) -> LLMModulesConfig:
-    over = json.loads(json.dumps(ARMS[name]))
-    train_over = {"output_dir": str(out / name), "feature_cache": "auto", **over.pop("train", {})}
-    if budget is not None:
-        train_over["max_steps"] = budget
-    if over.get("coupling") == "prompt" and cfg.small.config is not None and cfg.small_tokenizer is None:
-        from .backbones import resolve_path
-
-        # A small model built from its config has no tokenizer of its own: give it the large one's, so this arm
-        # is the small-alone arm plus the prompt memory.
-        over["small"] = {"config": {**cfg.small.config, "vocab_size": vocab}}
-        over["small_tokenizer"] = cfg.tokenizer or resolve_path(cfg.large)
-    merged = cfg.to_dict()
-    for section, value in over.items():
-        merged[section] = {**merged[section], **value} if isinstance(value, dict) else value
-    merged["train"] = {**merged["train"], **train_over}
-    return LLMModulesConfig.from_dict(merged, where=f"experiment arm {name}")
+# ---- configs --------------------------------------------------------------------------------------------------
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in (
+            "config", "overrides") else v
+    return out
 
 
-def run_arm(arm: LLMModulesConfig, eval_examples: int, max_new_tokens: int, log=print):
-    """Train one arm (resuming if it was interrupted), then evaluate its best checkpoint: held-out loss on every
-    held-out example, greedy answers to the first `eval_examples`. Returns (results, model, data, feature cache)."""
-    out = Path(arm.train.output_dir)
+def arm_config(base: LLMModulesConfig, suite: Suite, arm: Arm, out: Path) -> LLMModulesConfig:
+    """The suite's data and budget on top of `base`, then the arm's own changes; checkpoints kept for the curve."""
+    every = max(1, suite.steps // suite.curve_points)
+    d = _merge(base.to_dict(), {"data": suite.data, "train": {
+        "output_dir": str(out), "max_steps": suite.steps, "batch_size": suite.batch_size, "epochs": 1000,
+        "eval_every": every, "save_every": every, "keep_every": every if arm.curve else None, "patience": None,
+        "feature_cache": "auto"}})
+    return LLMModulesConfig.from_dict(_merge(d, arm.over), where=f"experiment arm {arm.name} ({suite.name})")
+
+
+def trainable_count(cfg: LLMModulesConfig) -> int:
+    """Trainable parameters of the model a config builds (the large model is not loaded)."""
+    from .model import LLMModules
+
+    model = LLMModules.from_config(cfg, load_large=False)
+    return sum(p.numel() for _, p in model.trainable_named_parameters())
+
+
+# ---- running one piece, resumably -------------------------------------------------------------------------------
+def run_process(argv: list[str], log_path: Path, log=print) -> dict:
+    """Run `python -m llm_modules ARGV` in its own process (output to log_path); its wall time and peak memory.
+    A signal to this process is passed on, so the child saves where it is and stops; its exit code ends us too."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    progress = train(arm, resume=True, log=log)
-    train_s = time.perf_counter() - t0
-    model = LLMModules.from_pretrained(out / "best").eval()
-    data, _ = load_data(arm, model, log=lambda *a: None)
-    cached = features_mod.available(arm, data) if arm.coupling == "stream" else None
-    loss = heldout_loss(model, data.val, features=cached["val"] if cached else None)
-    t1 = time.perf_counter()
-    rows = answer_accuracy(model, data.val[:eval_examples], max_new_tokens=max_new_tokens)
-    gen_s = time.perf_counter() - t1
-    new_tokens = sum(len(model.tokenizer.encode(r["output"], add_special_tokens=False)) + 1 for r in rows)
-    atomic_write_text(out / "answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    results = {
-        "val_loss": loss.loss, "perplexity": loss.perplexity, "val_tokens": loss.tokens,
-        "exact_match": sum(r["correct"] for r in rows), "answered": len(rows),
-        "steps": progress.step, "best_step": progress.best_step, "train_seconds": train_s,
-        "trainable_params": sum(p.numel() for _, p in model.trainable_named_parameters()),
-        "answer_tokens_per_s": new_tokens / max(gen_s, 1e-9), "sample": rows[0] if rows else None,
-    }
-    return results, model, data, cached
+    with open(log_path, "ab") as f:
+        child = subprocess.Popen([sys.executable, "-m", "llm_modules", *argv], stdout=f, stderr=subprocess.STDOUT)
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except KeyboardInterrupt:
+            child.send_signal(2)
+            _, status, usage = os.wait4(child.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        raise UserError(f"`llm-modules {' '.join(argv[:3])} ...` stopped with exit code {code}; the last lines of "
+                        f"{log_path}:\n  " + "\n  ".join(tail))
+    return {"wall_seconds": time.perf_counter() - t0, "peak_memory_gib": usage.ru_maxrss / 2**20}
 
 
-def run_experiment(cfg: LLMModulesConfig, out: Path, *, budget: Optional[int], arms: list[str],
-                   eval_examples: int = 24, max_new_tokens: int = 96, log=print) -> dict:
+def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], log=print) -> dict:
+    """Train (or find trained) one arm; train.json holds what it cost. A killed run resumes where it stopped."""
+    out = Path(cfg.train.output_dir)
+    done = out / "train.json"
+    if done.is_file():
+        return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
+    cfg.save_yaml(out / "arm.yaml")
+    argv = ["train", "--config", str(out / "arm.yaml")] if arm.kind == "train" else [
+        "finetune", "--config", str(out / "arm.yaml"), "--method", arm.method, "--base", arm.base,
+        *(["--target-params", str(target_params)] if arm.method == "lora" else [])]
+    log(f"  training {arm.name} ({'; '.join(argv[:1] + argv[3:])}) -> {out}")
+    cost = run_process(argv, out / "train.log", log)
+    from .loading import load_for_eval
+
+    model = load_for_eval(out)[0]
+    trainable = (sum(p.numel() for _, p in model.trainable_named_parameters()) if arm.kind == "train"
+                 else json.loads((out / "best" / "finetune.json").read_text())["trainable_params"])
+    del model
+    steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    result = {**cost, "trainable_params": trainable, "steps": max(r["step"] for r in steps)}
+    atomic_write_json(done, result)
+    return result
+
+
+def evaluate_arm(checkpoint: Path, tasks: dict, out: Path, *, large_only: bool, batch_size: int,
+                 max_new_tokens: Optional[int], log=print) -> list[dict]:
+    """`eval --task` for `tasks` ({task: items}), once: the summary file is what a rerun finds."""
+    from .tasks import evaluate_tasks, summary_path
+
+    summaries = []
+    for task, limit in tasks.items():
+        answers = out / f"{task}.jsonl"
+        if not summary_path(answers).is_file():
+            rows, summary = evaluate_tasks(str(checkpoint), [task], large_only=large_only, limit=limit,
+                                           batch_size=batch_size, max_new_tokens=max_new_tokens, log=log)
+            atomic_write_text(answers, "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_json(summary_path(answers), summary)
+        summaries += json.loads(summary_path(answers).read_text())
+    return summaries
+
+
+def speed_arm(checkpoint: Path, out: Path, *, large_only: bool) -> dict:
+    """Decode tokens/s at batch 1 and 16 (tasks.decode_speed: 64-token prompt, 48 new tokens), once."""
+    path = out / "speed.json"
+    if not path.is_file():
+        from .loading import load_for_eval
+        from .tasks import decode_speed, generator_for
+
+        model, tok, cfg, _ = load_for_eval(checkpoint, large_only)
+        gen = generator_for(model.eval(), tok, cfg, large_only)
+        atomic_write_json(path, {"batch_1": decode_speed(gen, 1), "batch_16": decode_speed(gen, 16)})
+    return json.loads(path.read_text())
+
+
+def curve_arm(out: Path, suite: Suite, log=print) -> list[dict]:
+    """Held-out accuracy of the kept checkpoints (step 0 and every steps / curve_points)."""
+    task, limit = suite.curve_task
+    points = []
+    for ckpt in sorted((out / "checkpoints").glob("step-*")):
+        step = int(ckpt.name.removeprefix("step-"))
+        (summary,) = evaluate_arm(ckpt, {task: limit}, out / "curve" / f"step-{step:08d}", large_only=False,
+                                  batch_size=16, max_new_tokens=suite.max_new_tokens, log=log)
+        points.append({"step": step, "accuracy": summary["accuracy"], "ci95": summary["ci95"], "n": summary["n"]})
+    return points
+
+
+# ---- the experiment -------------------------------------------------------------------------------------------
+def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms: list[str], quick: bool = False,
+                   log=print) -> dict:
     t_start = time.perf_counter()
-    _, tokenizer = load_data(cfg, log=log)
-    results: dict[str, dict] = {}
-    for name in arms:
-        arm = arm_config(cfg, name, out, budget, len(tokenizer))
-        log(f"\n=== arm {name} ({time.perf_counter() - t_start:.0f} s) ===")
-        results[name], model, data, cached = run_arm(arm, eval_examples, max_new_tokens, log)
-        if name == "combined" and cached is not None and cfg.large.layer == -1:
-            from .distill import load_teacher_head
-            from .probe import probe
-
-            head = load_teacher_head(cfg)
-            results["probe"] = probe(model.bridge, cached, data, head)
-            results["large-alone"] = large_alone(cfg, data, cached, head, eval_examples, max_new_tokens)
-        del model
+    table = QUICK if quick else SUITES
+    results: dict = {"quick": quick, "suites": {}}
+    for name in suites:
+        suite = table[name]
+        log(f"\n=== suite {name}: {suite.steps} steps of batch {suite.batch_size}; tests {suite.tests} ===")
+        target = trainable_count(arm_config(base, suite, ARMS["combined-paper"], out / name / "combined-paper"))
+        per_arm = {}
+        for arm_name in arms:
+            arm = ARMS[arm_name]
+            d = out / name / arm_name
+            cfg = arm_config(base, suite, arm, d)
+            log(f"\n--- {name} / {arm_name} ({time.perf_counter() - t_start:.0f} s) ---")
+            r: dict = {"note": arm.note}
+            if arm.kind == "large":
+                d.mkdir(parents=True, exist_ok=True)
+                cfg.save_yaml(d / "arm.yaml")
+                checkpoint, large_only = d / "arm.yaml", True
+                r.update(trainable_params=0, steps=0)
+            else:
+                r.update(train_arm(cfg, arm, target, log))
+                checkpoint, large_only = d, False
+            tests = {**suite.tests, **(suite.extra_tests if arm_name in suite.extra_arms else {})}
+            r["eval"] = {s["task"]: s for s in evaluate_arm(checkpoint, tests, d / "eval", large_only=large_only,
+                                                            batch_size=16, max_new_tokens=suite.max_new_tokens,
+                                                            log=log)}
+            r["speed"] = speed_arm(checkpoint, d, large_only=large_only)
+            if arm.curve:
+                r["curve"] = curve_arm(d, suite, log)
+            per_arm[arm_name] = r
+            results["suites"][name] = per_arm
+            atomic_write_json(out / "results.json", results)  # what is done so far
     results["wall_seconds"] = time.perf_counter() - t_start
-    write_report(results, arms, out, cfg, budget)
-    return results
-
-
-@torch.no_grad()
-def large_alone(cfg, data, cached, head, eval_examples: int, max_new_tokens: int) -> dict:
-    """The ceiling: the large model with its own head, on the same target tokens and questions."""
-    from transformers import AutoModelForCausalLM
-
-    from .backbones import quiet_transformers, resolve_path
-    from .generate import prompt_batch
-    from .model import load_model_tokenizer
-
-    total, count = 0.0, 0
-    for i, ex in enumerate(data.val):  # loss from the cached final states through the large model's own head
-        states = cached["val"].get(i).float()
-        labels = torch.tensor(ex.labels[1:])
-        keep = labels != -100
-        logits = states[:-1][keep] @ head.T
-        total += float(F.cross_entropy(logits, labels[keep], reduction="sum"))
-        count += int(keep.sum())
-    if cfg.large.name_or_path is None:
-        return {"val_loss": total / max(count, 1), "exact_match": None, "answered": 0}
-    with quiet_transformers():
-        lm = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.large)).eval()
-    tok = load_model_tokenizer(cfg)
-    # prompt_batch reads only the tokenizers and the config's data format: prompts exactly as the arms see them.
-    as_model = SimpleNamespace(tokenizer=tok, large_tokenizer=tok, config=cfg.replace(coupling="stream"))
-    usable = [e for e in data.val[:eval_examples] if e.record is not None and len(e.record.messages) > 1]
-    correct, t0, new_tokens = 0, time.perf_counter(), 0
-    for start in range(0, len(usable), 8):
-        chunk = usable[start:start + 8]
-        convs = [e.record.messages[:-1] for e in chunk]
-        ids, mask, _ = prompt_batch(as_model, convs)
-        gen = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, ids.shape[1]:]
-        for e, row in zip(chunk, gen):
-            text = tok.decode(row, skip_special_tokens=True)
-            new_tokens += int((row != tok.pad_token_id).sum())
-            correct += is_correct(extract_answer(text), extract_answer(e.record.messages[-1]["content"]))
-    return {"val_loss": total / max(count, 1), "exact_match": correct, "answered": len(usable),
-            "answer_tokens_per_s": new_tokens / max(time.perf_counter() - t0, 1e-9)}
-
-
-def write_report(results: dict, arms: list[str], out: Path, cfg, budget) -> None:
-    lines = ["| arm | held-out loss | perplexity | exact match | trainable params | steps | train s | "
-             "answer tok/s |", "|---|---|---|---|---|---|---|---|"]
-    for name in arms:
-        r = results[name]
-        lines.append(f"| {name} | {r['val_loss']:.3f} | {r['perplexity']:.2f} | {r['exact_match']}/{r['answered']} "
-                     f"| {r['trainable_params']:,} | {r['steps']} | {r['train_seconds']:.0f} | "
-                     f"{r['answer_tokens_per_s']:.1f} |")
-    if "large-alone" in results:
-        r = results["large-alone"]
-        em = f"{r['exact_match']}/{r['answered']}" if r.get("exact_match") is not None else "-"
-        tps = f"{r['answer_tokens_per_s']:.1f}" if "answer_tokens_per_s" in r else "-"
-        lines.append(f"| large alone (own head, not trained) | {r['val_loss']:.3f} | "
-                     f"{math.exp(min(r['val_loss'], 50)):.2f} | {em} | 0 | 0 | 0 | {tps} |")
-    table = "\n".join(lines)
-    if "probe" in results:
-        table += ("\n\nProbe: a ridge read-out from each bridge representation onto the large model's final state, "
-                  "through the large model's own head, on held-out target positions.\n\n"
-                  "| representation | width | top-1 agreement with the large model | KL(large ‖ read-out) |\n"
-                  "|---|---|---|---|\n")
-        table += "\n".join(f"| {p['representation']} | {p['width']} | {p['top1_agreement']:.3f} | "
-                           f"{p['kl_large_to_readout']:.3f} |" for p in results["probe"])
-    atomic_write_text(out / "results.md", table + "\n")
     atomic_write_json(out / "results.json", results)
-    plot_metrics({n: out / n / "metrics.jsonl" for n in arms if (out / n / "metrics.jsonl").exists()},
-                 out / "loss.png", title=f"held-out loss per arm ({budget} steps each)")
-    print("\n" + table + f"\n\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'loss.png'}")
+    from .report import write_report
+
+    write_report(results, out)
+    return results

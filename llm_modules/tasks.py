@@ -213,12 +213,19 @@ class ArmGenerator:
     def __init__(self, model):
         self.model, self.tokenizer = model, model.tokenizer
 
-    def generate(self, conversations: list[list[dict]], max_new_tokens: int, stop: Sequence[str]
-                 ) -> list[tuple[str, int]]:
+    def encode(self, conversation: list[dict]) -> list[int]:
+        from .generate import prompt_batch
+
+        return prompt_batch(self.model, [conversation])[0][0].tolist()
+
+    def generate(self, conversations: list[list[dict]], max_new_tokens: int, stop: Sequence[str],
+                 ignore_eos: bool = False) -> list[tuple[str, int]]:
         from .generate import prompt_batch
 
         ids, mask, extra = prompt_batch(self.model, conversations)
-        new = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, stop=list(stop), model_kwargs=extra)
+        never = {"eos_token_id": []} if ignore_eos else {}  # decode speed: every row runs max_new_tokens
+        new = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, stop=list(stop), model_kwargs=extra,
+                                  **never)
         return [_decode(self.tokenizer, row) for row in new.tolist()]
 
 
@@ -239,14 +246,15 @@ class HFGenerator:
         return encode_prompt(with_system_prompt(conversation, self.data.system_prompt), self.data.format,
                              self.tokenizer)
 
-    def generate(self, conversations: list[list[dict]], max_new_tokens: int, stop: Sequence[str]
-                 ) -> list[tuple[str, int]]:
+    def generate(self, conversations: list[list[dict]], max_new_tokens: int, stop: Sequence[str],
+                 ignore_eos: bool = False) -> list[tuple[str, int]]:
         from .backbones import quiet_transformers
 
         tok = self.tokenizer
         ids, mask = _left_pad([self.encode(c) for c in conversations], tok.pad_token_id)
         with quiet_transformers():  # the checkpoint's sampling defaults do not apply to greedy decoding
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      min_new_tokens=max_new_tokens if ignore_eos else None,
                                       do_sample=False, temperature=None, top_p=None, top_k=None,
                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                       stop_strings=list(stop) or None, tokenizer=tok)
@@ -261,6 +269,31 @@ def generator_for(model, tokenizer, cfg, large_only: bool):
     if isinstance(model, LLMModules):
         return ArmGenerator(model)
     return HFGenerator(model, tokenizer, None if large_only else cfg.data)
+
+
+def speed_prompt(generator, tokens: int) -> list[dict]:
+    """A user turn that this generator's prompt format turns into about `tokens` tokens (plain English words)."""
+    words = "the quick brown fox jumps over the lazy dog and then it runs back home again".split()
+    for n in range(1, 4 * tokens):
+        conv = [{"role": "user", "content": " ".join(words[i % len(words)] for i in range(n))}]
+        if len(generator.encode(conv)) >= tokens:
+            return conv
+    return conv
+
+
+@torch.no_grad()
+def decode_speed(generator, batch_size: int, prompt_tokens: int = 64, new_tokens: int = 48, repeats: int = 2
+                 ) -> float:
+    """Decode tokens/s of greedy generation: `batch_size` prompts of about `prompt_tokens` tokens, every row made
+    to generate `new_tokens` (eos ignored), prefill included; the best of `repeats` runs after one warm-up."""
+    conv = speed_prompt(generator, prompt_tokens)
+    best = float("inf")
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        generator.generate([conv] * batch_size, new_tokens, (), ignore_eos=True)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return batch_size * new_tokens / best
 
 
 @torch.no_grad()

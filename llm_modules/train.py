@@ -282,6 +282,8 @@ def _steps(run: Run, stop_at: int, bar) -> None:
     tokens_seen, t0 = 0, time.perf_counter()
     if p.step == 0 and run.data.val:
         log_metrics(run, {"step": 0, "val_loss": validate(run)})  # where training starts from
+    if p.step == 0 and t.keep_every and run.saved_step != 0:
+        save_checkpoint(run, best=False)  # the start of a learning curve
     run.model.train()
     for epoch, index, global_batch in micro_batches(run):
         if p.step >= stop_at or p.stopped_early:
@@ -472,7 +474,7 @@ def _write_checkpoint(run: Run, best: bool, weights: dict, optimizer_state: dict
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ckpt.prune_checkpoints(root, keep=2)
+    ckpt.prune_checkpoints(root, keep=2, keep_every=run.cfg.train.keep_every)
     return None
 
 

@@ -243,7 +243,7 @@ CASES: list[Case] = [
     Case("command line: misspelt option of a command with config overrides",
          ["train", "--config", TINY, "--output-dir", "{tmp}/run", "--max-step", "5"], 2,
          "unrecognized argument --max-step (did you mean --max-steps?)",
-         given="train, experiment, demo and cache-features also take --section.key VALUE config overrides"),
+         given="train, finetune, experiment, ablations, demo and cache-features also take --section.key VALUE config overrides"),
     Case("command line: unknown config override",
          ["train", "--config", TINY, "--output-dir", "{tmp}/run", "--train.lr_brige", "1e-4"], 2,
          "unrecognized argument --train.lr_brige (did you mean --train.lr_bridge?): train.lr_brige: unknown key",

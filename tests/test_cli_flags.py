@@ -1,6 +1,6 @@
 """Every command rejects a flag it does not know, naming it (exit 2, no traceback), before doing any work (issue 22).
 
-Commands that read config overrides (train, experiment, demo, cache-features) accept only `--section.key VALUE` /
+Commands that read config overrides (train, finetune, experiment, ablations, demo, cache-features) accept only `--section.key VALUE` /
 `--key VALUE` naming a field of LLMModulesConfig (or a key inside a free-form mapping such as small.config); the
 others accept nothing undeclared. Abbreviations are not accepted either: `--max-step 5` used to mean --max-steps.
 The list of commands comes from build_parser(), so a command added later is covered without editing this file.
@@ -15,7 +15,7 @@ import llm_modules.__main__ as cli
 from llm_modules.__main__ import build_parser, main, subcommands
 
 COMMANDS = sorted(subcommands(build_parser()))
-TAKES_OVERRIDES = {"train", "experiment", "demo", "cache-features"}
+TAKES_OVERRIDES = {"train", "finetune", "experiment", "ablations", "demo", "cache-features"}
 
 
 def required(sub: argparse.ArgumentParser) -> list[str]:
@@ -90,7 +90,8 @@ def test_config_overrides_only_where_a_command_reads_them(command, nothing_runs,
      "bridge.num_layers is a value, not a section"),
     (["demo", "--bridge", "1", "--trian.seed", "2"], "unrecognized argument --trian.seed (did you mean --train.seed?): "
                                                      "trian: unknown key"),
-    (["experiment", "--budget", "1", "stray"], "unrecognized argument 'stray'"),
+    (["ablations", "--budget", "1", "stray"], "unrecognized argument 'stray'"),
+    (["experiment", "--quick", "stray"], "unrecognized argument 'stray'"),
     (["eval", "--checkpoint", "d", "--max-examples", "2", "--bogus-flag", "3"],
      "unrecognized arguments: --bogus-flag 3"),
     (["eval", "--checkpoint", "d", "--max-example", "50"],
@@ -102,3 +103,10 @@ def test_the_message_names_the_flag_and_a_likely_fix(argv, message, nothing_runs
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and not nothing_runs, err
+
+
+def test_exponent_numbers_in_overrides_are_numbers():
+    from llm_modules.__main__ import parse_overrides
+
+    assert parse_overrides(["--train.lr_bridge", "1e-4", "--train.lr_small=2.5E-5", "--data.system_prompt", "e5"]) == [
+        ("train.lr_bridge", 1e-4), ("train.lr_small", 2.5e-5), ("data.system_prompt", "e5")]

@@ -38,12 +38,12 @@ def test_kd_loss_is_forward_kl_over_the_student_vocabulary():
     assert float(kd_loss_sum(states @ head[:10].T, states, head, 2.0)) == pytest.approx(0.0, abs=1e-5)
 
 
-def test_miniature_experiment_end_to_end(tmp_path):
+def test_miniature_ablations_end_to_end(tmp_path):
     from llm_modules.__main__ import main
-    from llm_modules.experiment import ARMS
+    from llm_modules.ablations import ARMS
 
     out = tmp_path / "exp"
-    assert main(["experiment", "--config", "configs/tiny-random.yaml", "--budget", "3", "--output-dir", str(out),
+    assert main(["ablations", "--config", "configs/tiny-random.yaml", "--budget", "3", "--output-dir", str(out),
                  "--eval-examples", "2", "--max-new-tokens", "4",
                  "--train.feature_cache_dir", str(tmp_path / "fc")]) == 0
     results = json.loads((out / "results.json").read_text())

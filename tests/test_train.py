@@ -33,6 +33,19 @@ def test_few_steps_through_the_cli(tmp_path, capsys):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
 
 
+def test_keep_every_keeps_step_zero_and_its_multiples_for_learning_curves(tmp_path):
+    from llm_modules import LLMModules
+
+    out = tmp_path / "run"
+    assert _cli("--output-dir", out, "--max-steps", 5, "--save-every", 1, "--train.keep_every", 2) == 0
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step-00000000", "step-00000002", "step-00000004", "step-00000005"]  # + the latest two
+    start = LLMModules.from_pretrained(out / "checkpoints" / "step-00000000")
+    fresh = LLMModules.from_config(load_config(TINY))
+    assert all(torch.equal(p, dict(fresh.trainable_named_parameters())[n])
+               for n, p in start.trainable_named_parameters())  # step 0 is the initialization
+
+
 def test_console_entry_point_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llm_modules", "train", "--config", TINY, "--output-dir",
                         str(tmp_path / "run"), "--max-steps", "2"], capture_output=True, text=True, timeout=300)

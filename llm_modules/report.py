@@ -1,0 +1,135 @@
+"""The experiment's report: tables (results.md), learning curves and accuracy-speed frontiers (PNG)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import atomic_write, atomic_write_text
+from .tasks import wilson
+
+FACTS_FLOOR = 0.10  # facts: relations where the large model alone scores above this are the headline
+
+
+def facts_relations(out: Path) -> list[str]:
+    """Relations of the facts suite on which the large model alone is right more than FACTS_FLOOR of the time."""
+    rows = _rows(out / "facts" / "large-alone" / "eval" / "facts.jsonl")
+    by_rel: dict[str, list[bool]] = {}
+    for r in rows:
+        by_rel.setdefault(r["relation"], []).append(r["correct"])
+    return sorted(rel for rel, v in by_rel.items() if sum(v) / len(v) > FACTS_FLOOR)
+
+
+def ordered(arms: dict) -> dict:
+    """Arms in the experiment's order (results.json stores them sorted by name)."""
+    from .experiment import ARMS
+
+    return {a: arms[a] for a in [*ARMS, *sorted(arms)] if a in arms}
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def restricted(out: Path, suite: str, arm: str, relations: list[str]) -> dict:
+    """Facts accuracy of an arm over `relations` only, with its interval."""
+    rows = [r for r in _rows(out / suite / arm / "eval" / "facts.jsonl") if r["relation"] in relations]
+    k = sum(r["correct"] for r in rows)
+    return {"n": len(rows), "correct": k, "accuracy": k / max(len(rows), 1), "ci95": wilson(k, len(rows))}
+
+
+def headline(results: dict, out: Path, suite: str) -> dict[str, dict]:
+    """The accuracy each arm is judged by in a suite (facts: the relations the large model knows)."""
+    arms = results["suites"][suite]
+    if suite == "facts":
+        rels = facts_relations(out)
+        return {a: restricted(out, suite, a, rels) for a in arms}
+    return {a: r["eval"][suite] for a, r in arms.items() if suite in r["eval"]}
+
+
+def _acc(s: dict) -> str:
+    return f"{s['accuracy']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] (n={s['n']})"
+
+
+def suite_table(results: dict, out: Path, suite: str) -> str:
+    arms = ordered(results["suites"][suite])
+    head = headline(results, out, suite)
+    tasks = [t for t in dict.fromkeys(t for r in arms.values() for t in r["eval"])]
+    cols = ["arm", "trainable params", "train min", "peak GiB", *(
+        ["facts, known relations", "facts, all relations"] if suite == "facts" else tasks),
+        "decode tok/s b=1", "b=16"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, r in arms.items():
+        accs = ([_acc(head[name]), _acc(r["eval"]["facts"])] if suite == "facts"
+                else [_acc(r["eval"][t]) if t in r["eval"] else "-" for t in tasks])
+        train_min = f"{r['wall_seconds'] / 60:.1f}" if "wall_seconds" in r else "-"
+        mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
+        lines.append(f"| {name} | {r['trainable_params']:,} | {train_min} | {mem} | " + " | ".join(accs)
+                     + f" | {r['speed']['batch_1']:.1f} | {r['speed']['batch_16']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict, out: Path, suite: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = ordered(results["suites"][suite])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, r) in enumerate((n, r) for n, r in arms.items() if r.get("curve")):
+        pts = r["curve"]
+        xs, ys = [p["step"] for p in pts], [p["accuracy"] for p in pts]
+        err = [[y - p["ci95"][0] for y, p in zip(ys, pts)], [p["ci95"][1] - y for y, p in zip(ys, pts)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=name)
+    if "large-alone" in arms:
+        task = next(iter(arms["large-alone"]["eval"]))
+        ax.axhline(arms["large-alone"]["eval"][task]["accuracy"], ls="--", color="gray", label="large alone (all items)")
+    n = next((r["curve"][0]["n"] for r in arms.values() if r.get("curve")), 0)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"held-out accuracy ({n} items, 95% CI)")
+    ax.set_title(f"{suite}: learning curves")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def plot_frontier(results: dict, out: Path, suite: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = ordered(results["suites"][suite])
+    head = headline(results, out, suite)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, r) in enumerate(arms.items()):
+        s = head.get(name)
+        if s is None:
+            continue
+        x = r["speed"]["batch_1"]
+        ax.errorbar([x], [s["accuracy"]], yerr=[[s["accuracy"] - s["ci95"][0]], [s["ci95"][1] - s["accuracy"]]],
+                    marker="o", capsize=3, color=f"C{i}")
+        ax.annotate(name, (x, s["accuracy"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("decode tokens/s at batch 1 (log scale)")
+    ax.set_ylabel("held-out accuracy (95% CI)")
+    ax.set_title(f"{suite}: accuracy against decode speed")
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def write_report(results: dict, out: Path) -> str:
+    parts = []
+    for suite in results["suites"]:
+        parts.append(f"## {suite}\n\n" + suite_table(results, out, suite))
+        if suite == "facts" and (out / "facts" / "large-alone" / "eval" / "facts.jsonl").is_file():
+            parts.append("Known relations (the large model alone above 10%): " + ", ".join(facts_relations(out)))
+        if any(r.get("curve") for r in results["suites"][suite].values()):
+            plot_curves(results, out, suite, out / f"curves-{suite}.png")
+        plot_frontier(results, out, suite, out / f"frontier-{suite}.png")
+    text = "\n\n".join(parts) + "\n"
+    atomic_write_text(out / "results.md", text)
+    print(text)
+    return text

@@ -1,0 +1,57 @@
+"""`llm-modules experiment`: arms trained in their own processes, evaluated once, reported, resumed without redoing."""
+import json
+from dataclasses import replace
+
+import pytest
+
+from llm_modules.__main__ import main
+from test_tasks import needs_data
+
+
+@needs_data
+def test_miniature_experiment_trains_evaluates_reports_and_does_not_redo_work(tmp_path, monkeypatch):
+    from llm_modules import experiment
+
+    tiny = replace(experiment.QUICK["facts"], data={**experiment.QUICK["facts"].data, "max_examples": 60}, steps=2,
+                   batch_size=4, tests={"facts": 4}, curve_task=("facts", 3), curve_points=2)
+    monkeypatch.setitem(experiment.QUICK, "facts", tiny)
+    out = tmp_path / "exp"
+    argv = ["experiment", "--quick", "--config", "configs/tiny-random.yaml", "--suites", "facts",
+            "--arms", "large-alone,combined-large,lora", "--output-dir", str(out), "--train.num_threads", "1",
+            "--train.feature_cache_dir", str(tmp_path / "fc")]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())["suites"]["facts"]
+    assert set(results) == {"large-alone", "combined-large", "lora"}
+    for name, r in results.items():
+        assert r["eval"]["facts"]["n"] == 4 and set(r["speed"]) == {"batch_1", "batch_16"}, name
+    assert results["large-alone"]["trainable_params"] == 0
+    assert results["combined-large"]["steps"] == 2 and results["lora"]["steps"] == 2
+    lora, combined = results["lora"]["trainable_params"], results["combined-large"]["trainable_params"]
+    assert abs(lora - combined) / combined < 0.5  # the rank is chosen for the combined model's count
+    assert [p["step"] for p in results["combined-large"]["curve"]] == [0, 1, 2]
+    assert "peak_memory_gib" in results["combined-large"] and results["combined-large"]["wall_seconds"] > 0
+    table = (out / "results.md").read_text()
+    assert "| combined-large |" in table and "| lora |" in table and "Known relations" in table
+    assert (out / "curves-facts.png").stat().st_size > 1000 and (out / "frontier-facts.png").stat().st_size > 1000
+    logs = {p: p.stat().st_mtime_ns for p in out.rglob("*.log")}
+    assert main(argv) == 0  # a rerun finds every arm trained and every evaluation written
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.log")} == logs
+
+
+def test_unknown_arm_or_suite_is_a_clear_error(capsys):
+    assert main(["experiment", "--arms", "combined-paper,gpt5"]) == 2
+    assert "--arms: unknown gpt5; choose from large-alone, combined-paper" in capsys.readouterr().err
+    assert main(["experiment", "--suites", "mmlu"]) == 2
+    assert "--suites: unknown mmlu; choose from facts, gsm8k" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_data
+def test_quick_experiment_on_real_weights(tmp_path):
+    """Every arm of the real experiment on small slices (about 20 minutes on 2 cores; fetches SmolLM2-135M)."""
+    out = tmp_path / "exp"
+    assert main(["experiment", "--quick", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["suites"]
+    assert set(results) == {"facts", "gsm8k"}
+    for suite in results.values():
+        assert len(suite) == 8
