@@ -9,6 +9,8 @@ and are compared on the answer tokens: the large model's own next-token distribu
 state, over the tokens of the output vocabulary) against the combined model's. `bridge.init: paper` (random) is
 measured beside it as the baseline. `--paper` adds the paper's widths: Qwen2.5-Coder-1.5B (1536) -> a random
 GPT-Neo-125M-shaped small model (768, 12 layers), trained on the same data as the default config.
+`--fit-data gsm8k` adds runs whose training data (and so the warm start's fit) is 300 GSM8K train problems instead
+of the config's own, to separate the width's limit from the distance between the training data and GSM8K.
 Prints a table and writes benchmarks/results/warm_start.json.
 """
 from __future__ import annotations
@@ -33,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
     p.add_argument("--paper", action="store_true", help="also the paper's widths with the 1.5B large model")
     p.add_argument("--problems", type=int, default=50, help="GSM8K test problems (default 50)")
+    p.add_argument("--fit-data", default="config", help="comma-separated: config (the config's own training data), "
+                                                         "gsm8k (300 GSM8K train problems)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "warm_start.json"))
     return p.parse_args(argv)
@@ -110,7 +114,12 @@ def main(argv=None) -> int:
             bridge={"num_heads": 8, "adapter_dim": 256})
     rows = []
     for name, cfg in configs.items():
-        rows += measure(name, cfg, a.problems)
+        for fit in a.fit_data.split(","):
+            if fit == "gsm8k":
+                rows += measure(f"{name}, trained on GSM8K", cfg.replace(data={
+                    "reasoning_gym_tasks": [], "benchmarks": ["gsm8k"], "max_examples": 300}), a.problems)
+            else:
+                rows += measure(name, cfg, a.problems)
     print(table([[r["config"], r["init"], f"{r['large_width']} -> {r['small_width']}", r["answer_tokens"],
                   f"{r['top1_agreement']:.3f}", f"{r['kl_large_to_combined']:.3f}"] for r in rows],
                 ["config", "bridge.init", "widths", "answer tokens", "top-1 agreement", "KL(large || combined)"]))

@@ -17,7 +17,8 @@ bridge, p the small model's position embedding, n its final norm and H the new h
    C^1/2 F C^1/2 taken back through C^-1/2, where C = E[s s^T] and F = E[W^T (diag p - p p^T) W] is the Fisher
    information of the large model's softmax (KL(p || p') ~ 1/2 ds^T F ds), so the truncation loses the least KL.
    Q embeds them orthonormally in D_S, orthogonal to the all-ones vector, so a LayerNorm's mean removal does
-   nothing. The projection's bias puts a constant of 3 (the median |B s| scaled to 1) on one more orthogonal
+   nothing; P is scaled so that the median |P s| is sqrt(D_S) (about unit size per channel, the scale the
+   small model's blocks are built for). The projection's bias puts a constant of 3 times that on one more orthogonal
    direction: the final norm divides by |P s + bias|, which then varies three times less from token to token than
    |P s| does (the large model's own logits have no such division).
 3. **Head.** H = W M with M the least-squares read-out of s from the normed features n(P s + bias) on the training
@@ -31,6 +32,8 @@ small model run once over the collected states (at most 20,000 target tokens). O
 the large model's head is read once and never trained or saved.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -130,7 +133,7 @@ def warm_start(model, head: torch.Tensor, states: torch.Tensor, *, ridge: float 
                fisher_tokens: int = 4096) -> dict:
     """Initialize `model` (coupling stream) so that it predicts what the large model with LM head `head`
     (V_large, D_L) predicts, fitted on the large model's final states `states` (N, D_L) of the training data.
-    `constant`: the size of a constant channel added to the projection (relative to the median |P s| = 1), so the
+    `constant`: the size of a constant channel added to the projection (relative to the median |P s|), so the
     final norm's division by |P s| varies less from token to token. Returns what was done."""
     if model.bridge is None or not hasattr(model.bridge, "proj"):
         raise UserError("bridge.init: large applies to coupling: stream (the paper's bridge)")
@@ -150,9 +153,13 @@ def warm_start(model, head: torch.Tensor, states: torch.Tensor, *, ridge: float 
     else:
         B = logit_subspace(fisher_metric(W, states[:fisher_tokens]), s, r, ridge)
     basis = mean_free_basis(d_small, r + bool(constant), centred)
-    P = basis[:, :r] @ B / (s @ B.T).norm(dim=1).median()  # (D_S, D_L), median |P s| = 1
+    # Median |P s| = sqrt(D_S): about unit size per channel, the scale the small model's blocks are built for, so
+    # the branches they open while training perturb the stream by what they would in the stream of a usual model.
+    scale = math.sqrt(d_small)
+    P = basis[:, :r] @ B * (scale / (s @ B.T).norm(dim=1).median())  # (D_S, D_L)
     model.bridge.proj.weight.copy_(P.to(model.bridge.proj.weight.dtype))
-    model.bridge.proj.bias.copy_((constant * basis[:, r] if constant else torch.zeros(d_small)).to(P.dtype))
+    bias = constant * scale * basis[:, r] if constant else torch.zeros(d_small, dtype=torch.float64)
+    model.bridge.proj.bias.copy_(bias.to(model.bridge.proj.bias.dtype))
     f = normed_features(model, s @ P.T + model.bridge.proj.bias.double())  # (N, D_S): what the head will read
     gram = f.T @ f + ridge * len(f) * torch.eye(d_small, dtype=torch.float64)
     M = torch.linalg.solve(gram, f.T @ s).T  # (D_L, D_S): least-squares read-out of s from f
