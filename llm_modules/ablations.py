@@ -1,6 +1,7 @@
 """`llm-modules ablations`: the paper's claims and next steps, measured with the same data, steps and seed per arm.
 
-Arms: the combined model (learned gate, 2 cross-attention layers); the small model alone (own token embeddings);
+Arms: the combined model (learned gate, 2 cross-attention layers), also with the warm start (`bridge.init: large`,
+at lr 1e-4 and at the combined model's 1e-3); the small model alone (own token embeddings);
 the gate fixed at 0.5; 1 and 4 cross-attention layers; distillation (small alone + KL to the large model); the
 prompt coupling; the large model alone with its own head (a ceiling, evaluated only); and a probe of how much of
 the large model's prediction survives each bridge layer.
@@ -27,6 +28,8 @@ from .train import load_data, train
 
 ARMS: dict[str, dict] = {
     "combined": {},
+    "combined-warm": {"bridge": {"init": "large"}, "train": {"lr_bridge": 1.0e-4, "lr_small": 1.0e-4}},
+    "combined-warm-lr-1e-3": {"bridge": {"init": "large"}},
     "small-alone": {"coupling": "none"},
     "gate-fixed-0.5": {"bridge": {"gate": "fixed", "gate_value": 0.5}},
     "layers-1": {"bridge": {"num_layers": 1}},
