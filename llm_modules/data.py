@@ -394,24 +394,26 @@ def add_memory(ex: Example, messages: list[dict], tokenizer, memory_tokenizer, c
 
 
 # ---- batching -----------------------------------------------------------------------------------------------
+def pad(rows: list[list[int]], pad_id: int, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) (B, longest row): rows padded with `pad_id` on the left (prompts: every row's next
+    token comes at the same step) or on the right."""
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        sl = slice(T - len(r), T) if left else slice(0, len(r))
+        ids[b, sl], mask[b, sl] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded LongTensors input_ids / attention_mask / labels (labels padded with IGNORE_INDEX)."""
-    B, T = len(examples), max(len(e) for e in examples)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    for i, e in enumerate(examples):
-        input_ids[i, : len(e)] = torch.tensor(e.input_ids, dtype=torch.long)
-        attention_mask[i, : len(e)] = 1
-        labels[i, : len(e)] = torch.tensor(e.labels, dtype=torch.long)
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    input_ids, attention_mask = pad([e.input_ids for e in examples], pad_id, left=False)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask,
+           "labels": pad([e.labels for e in examples], IGNORE_INDEX, left=False)[0]}
     if examples[0].memory_ids is not None:  # coupling "prompt": the prompts in the large tokenizer, right-padded
-        M = max(len(e.memory_ids) for e in examples)
-        out["memory_ids"] = torch.zeros((B, M), dtype=torch.long)  # id 0: any vocabulary has it; masked anyway
-        out["memory_mask"] = torch.zeros((B, M), dtype=torch.long)
-        for i, e in enumerate(examples):
-            out["memory_ids"][i, : len(e.memory_ids)] = torch.tensor(e.memory_ids, dtype=torch.long)
-            out["memory_mask"][i, : len(e.memory_ids)] = 1
+        # id 0: any vocabulary has it; masked anyway
+        out["memory_ids"], out["memory_mask"] = pad([e.memory_ids for e in examples], 0, left=False)
     return out
 
 

@@ -140,26 +140,16 @@ def stream(
 def prompt_batch(model, conversations: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Prompts formatted exactly as training formatted them: left-padded ids and mask in the output tokenizer, and
     for coupling "prompt" the memory (the same prompts in the large tokenizer) as model kwargs."""
+    from .data import pad
     from .prompts import encode_prompt, with_system_prompt
 
     data = model.config.data
     convs = [with_system_prompt(c, data.system_prompt) for c in conversations]
-
-    def padded(rows: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        T = max(map(len, rows))
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, r in enumerate(rows):
-            sl = slice(T - len(r), T) if left else slice(0, len(r))
-            ids[b, sl], mask[b, sl] = torch.tensor(r, dtype=torch.long), 1
-        return ids, mask
-
-    # Left padding: every row's next token comes at the same step.
-    ids, mask = padded([encode_prompt(c, data.format, model.tokenizer) for c in convs], model.tokenizer.pad_token_id,
+    ids, mask = pad([encode_prompt(c, data.format, model.tokenizer) for c in convs], model.tokenizer.pad_token_id,
                        left=True)
     extra = {}
     if model.config.coupling == "prompt":
-        mem_ids, mem_mask = padded([encode_prompt(c, data.format, model.large_tokenizer) for c in convs], 0, False)
+        mem_ids, mem_mask = pad([encode_prompt(c, data.format, model.large_tokenizer) for c in convs], 0, left=False)
         extra = {"memory_ids": mem_ids, "memory_mask": mem_mask}
     return ids, mask, extra
 

@@ -126,20 +126,18 @@ class LLMModulesLM(TemplateLM):
         return f"llm-modules:{self.cfg.data.format}" if chat_template else None
 
     # ---- scoring -------------------------------------------------------------------------------------------
-    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, attention_mask) (B, longest row), rows aligned at the right end so their last tokens line up."""
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, row in enumerate(rows):
-            ids[b, width - len(row) :], mask[b, width - len(row) :] = torch.tensor(row, dtype=torch.long), 1
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded (ids, mask): rows aligned at the right end so their last tokens line up."""
+        from .data import pad
+
+        ids, mask = pad(rows, self.pad_id, left=True)
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
     def _last_logprobs(self, rows: list[list[int]], keep: int) -> torch.Tensor:
         """Log-probs (B, keep, V) at the last `keep` positions of a left-padded batch: with a 150k vocabulary the
         head and the softmax over the context positions would cost as much as a small model."""
-        ids, mask = self._left_pad(rows)
+        ids, mask = self._pad(rows)
         extra = {"position_ids": positions_from_mask(mask)} if self.large_only else {}  # ours derives them itself
         logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, **extra).logits
         return F.log_softmax(logits.float(), dim=-1).cpu()
@@ -187,7 +185,7 @@ class LLMModulesLM(TemplateLM):
     @torch.no_grad()
     def _generate(self, rows: list[list[int]], max_new: int, until: list[str], sampling: dict) -> list[list[int]]:
         """New token ids per row: one left-padded batch through the cached decoder, stopping at `until`."""
-        ids, mask = self._left_pad(rows)
+        ids, mask = self._pad(rows)
         if self.large_only:
             new = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, stop_strings=until,
                                       tokenizer=self.tokenizer, pad_token_id=self.pad_id, **sampling)[:, ids.shape[1]:]

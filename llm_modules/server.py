@@ -491,19 +491,12 @@ class Engine:
     def _inputs(self, batch: list[Job]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Left-padded prompt ids and mask, and the right-padded memory of the prompt coupling, as prompt_batch
         builds them."""
-        def padded(rows: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            T = max(map(len, rows))
-            ids = torch.full((len(rows), T), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for b, r in enumerate(rows):
-                sl = slice(T - len(r), T) if left else slice(0, len(r))
-                ids[b, sl], mask[b, sl] = torch.tensor(r, dtype=torch.long), 1
-            return ids, mask
+        from .data import pad
 
-        ids, mask = padded([j.ids for j in batch], self.pad, left=True)
+        ids, mask = pad([j.ids for j in batch], self.pad, left=True)
         extra = {}
         if self.prompt_coupling:
-            mem_ids, mem_mask = padded([j.memory for j in batch], 0, left=False)
+            mem_ids, mem_mask = pad([j.memory for j in batch], 0, left=False)
             extra = {"memory_ids": mem_ids, "memory_mask": mem_mask}
         return ids, mask, extra
 

@@ -191,15 +191,6 @@ def train_records(names: list[str], data_dir: Optional[str]) -> list[tuple[str, 
 
 
 # ---- who answers -------------------------------------------------------------------------------------------
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row):], mask[b, width - len(row):] = torch.tensor(row, dtype=torch.long), 1
-    return ids, mask
-
-
 def _decode(tokenizer, row: list[int]) -> tuple[str, int]:
     """(text, tokens) a row really generated: up to and including its eos (finished rows are padded after it)."""
     eos = tokenizer.eos_token_id
@@ -251,7 +242,9 @@ class HFGenerator:
         from .backbones import quiet_transformers
 
         tok = self.tokenizer
-        ids, mask = _left_pad([self.encode(c) for c in conversations], tok.pad_token_id)
+        from .data import pad
+
+        ids, mask = pad([self.encode(c) for c in conversations], tok.pad_token_id)
         with quiet_transformers():  # the checkpoint's sampling defaults do not apply to greedy decoding
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       min_new_tokens=max_new_tokens if ignore_eos else None,
