@@ -107,6 +107,18 @@ def test_large_only_and_an_arm_answer_through_the_same_function(checkpoint, monk
 
 
 @needs_data
+def test_prompt_coupling_and_small_alone_arms_answer_too(tmp_path):
+    from llm_modules import LLMModules, LLMModulesConfig
+
+    for name, cfg in (("prompt", LLMModulesConfig.from_yaml("configs/tiny-prompt.yaml")),
+                      ("none", LLMModulesConfig.from_yaml("configs/tiny-random.yaml").replace(coupling="none"))):
+        LLMModules.from_config(cfg).save_pretrained(tmp_path / name)
+        rows, (summary,) = tasks.evaluate_tasks(str(tmp_path / name), ["facts"], limit=2, batch_size=2,
+                                                max_new_tokens=3, log=lambda *a: None)
+        assert summary["n"] == 2 and all(isinstance(r["output"], str) for r in rows), name
+
+
+@needs_data
 def test_shipped_lm_eval_tasks_load_offline_and_match_the_harness_command(checkpoint):
     from llm_modules.harness import evaluate_harness
 
