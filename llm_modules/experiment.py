@@ -81,9 +81,9 @@ SUITES = {
                              "val_fraction": 0.05, "max_length": 256}, steps=120, batch_size=16,
                    tests={"facts": 600}, curve_task=("facts", 300)),
     "gsm8k": Suite("gsm8k", {"benchmarks": ["gsm8k"], "reasoning_gym_tasks": [], "path": None,
-                             "max_examples": 1000, "val_fraction": 0.05, "max_length": 512}, steps=60, batch_size=8,
+                             "max_examples": 400, "val_fraction": 0.05, "max_length": 512}, steps=40, batch_size=8,
                    tests={"gsm8k": 200}, extra_tests={"hellaswag": 500, "arc_easy": 500},
-                   curve_task=("gsm8k", 50)),
+                   curve_task=("gsm8k", 30), curve_points=2),
 }
 # --quick: every arm, the same code paths, small slices (minutes, not hours).
 QUICK = {
