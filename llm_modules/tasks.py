@@ -240,10 +240,9 @@ class HFGenerator:
     def generate(self, conversations: list[list[dict]], max_new_tokens: int, stop: Sequence[str],
                  ignore_eos: bool = False) -> list[tuple[str, int]]:
         from .backbones import quiet_transformers
-
-        tok = self.tokenizer
         from .data import pad
 
+        tok = self.tokenizer
         ids, mask = pad([self.encode(c) for c in conversations], tok.pad_token_id)
         with quiet_transformers():  # the checkpoint's sampling defaults do not apply to greedy decoding
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
