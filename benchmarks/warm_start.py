@@ -8,7 +8,8 @@ cache, the warm start fitted on its training states; no step is taken), then bot
 and are compared on the answer tokens: the large model's own next-token distribution (its LM head on its final
 state, over the tokens of the output vocabulary) against the combined model's. `bridge.init: paper` (random) is
 measured beside it as the baseline. `--paper` adds the paper's widths: Qwen2.5-Coder-1.5B (1536) -> a random
-GPT-Neo-125M-shaped small model (768, 12 layers), trained on the same data as the default config.
+GPT-Neo-125M-shaped small model (768, 12 layers), trained on the same data as the default config (its first
+`--paper-examples` examples: the 1.5B reads about 20 tokens/s on 2 CPU threads).
 `--fit-data gsm8k` adds runs whose training data (and so the warm start's fit) is 300 GSM8K train problems instead
 of the config's own, to separate the width's limit from the distance between the training data and GSM8K.
 Prints a table and writes benchmarks/results/warm_start.json.
@@ -34,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
     p.add_argument("--paper", action="store_true", help="also the paper's widths with the 1.5B large model")
+    p.add_argument("--only-paper", action="store_true", help="the paper's widths only")
+    p.add_argument("--paper-examples", type=int, default=100,
+                   help="training examples at the paper's widths (the 1.5B reads about 20 tokens/s here)")
     p.add_argument("--problems", type=int, default=50, help="GSM8K test problems (default 50)")
     p.add_argument("--fit-data", default="config", help="comma-separated: config (the config's own training data), "
                                                          "gsm8k (300 GSM8K train problems)")
@@ -51,7 +55,16 @@ def gsm8k_examples(cfg, tokenizer, n: int) -> list:
                      tokenizer, style=cfg.data.format, system_prompt=cfg.data.system_prompt) for r in rows]
 
 
-def compare(model, head, examples) -> dict:
+def large_states(model, examples) -> list:
+    """The large model's final states for each example (computed once, shared by both inits)."""
+    import torch
+
+    with torch.no_grad():
+        return [model.source_states(torch.tensor([ex.input_ids]), torch.ones(1, len(ex), dtype=torch.long),
+                                    torch.arange(len(ex))[None]) for ex in examples]
+
+
+def compare(model, head, examples, states) -> dict:
     """Top-1 agreement and mean KL(large || combined) over the answer tokens of `examples`."""
     import torch
     import torch.nn.functional as F
@@ -59,12 +72,11 @@ def compare(model, head, examples) -> dict:
     V = model.lm_head.out_features
     agree, kl, n = 0, 0.0, 0
     with torch.no_grad():
-        for ex in examples:
+        for ex, s in zip(examples, states):
             ids = torch.tensor([ex.input_ids])
             keep = torch.tensor(ex.labels[1:]) != -100
-            states = model.source_states(ids, torch.ones_like(ids), torch.arange(len(ex))[None])
-            large = F.log_softmax(states[0, :-1][keep].float() @ head[:V].T, -1)
-            ours = F.log_softmax(model(ids, source_states=states).logits[0, :-1][keep].float(), -1)
+            large = F.log_softmax(s[0, :-1][keep].float() @ head[:V].T, -1)
+            ours = F.log_softmax(model(ids, source_states=s).logits[0, :-1][keep].float(), -1)
             agree += int((large.argmax(-1) == ours.argmax(-1)).sum())
             kl += float((large.exp() * (large - ours)).sum())
             n += int(keep.sum())
@@ -75,7 +87,7 @@ def measure(name: str, cfg, problems: int) -> list[dict]:
     from llm_modules.distill import load_teacher_head
     from llm_modules.train import setup
 
-    rows = []
+    rows, states = [], None
     head = load_teacher_head(cfg)
     for init in ("paper", "large"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -85,14 +97,16 @@ def measure(name: str, cfg, problems: int) -> list[dict]:
             run = setup(arm, resume=False, log=lambda m: reports.append(m) or print(m, flush=True))
             setup_s = time.perf_counter() - t0
             model = run.unwrapped.eval()
-            if model.large is None:  # trained from the feature cache: put the large model back to read GSM8K
+            examples = gsm8k_examples(cfg, model.large_tokenizer, problems)
+            if states is None:  # trained from the feature cache: load the large model once to read GSM8K
                 from llm_modules.backbones import freeze, load_backbone
 
-                model.large = freeze(load_backbone(cfg.large, pretrained=True, seed=0, where="large"))
-            examples = gsm8k_examples(cfg, model.large_tokenizer, problems)
+                if model.large is None:
+                    model.large = freeze(load_backbone(cfg.large, pretrained=True, seed=0, where="large"))
+                states = large_states(model, examples)
             row = {"config": name, "init": init, "large_width": model.bridge.pre_proj.in_features,
                    "small_width": model.lm_head.in_features, "setup_seconds": setup_s,
-                   **compare(model, head, examples)}
+                   **compare(model, head, examples, states)}
             row["warm_start"] = next((m for m in reports if m.startswith("bridge.init: large")), None)
             rows.append(row)
             print(row, flush=True)
@@ -106,18 +120,19 @@ def main(argv=None) -> int:
     from llm_modules.config import LLMModulesConfig
 
     base = LLMModulesConfig.from_yaml(a.config).replace(train={"num_threads": a.threads})
-    configs = {Path(a.config).stem: base}
-    if a.paper:
+    configs = {} if a.only_paper else {Path(a.config).stem: base}
+    if a.paper or a.only_paper:
         configs["paper widths (1.5B -> GPT-Neo-125M shape)"] = base.replace(
             large={"name_or_path": "qwen2.5-coder-1.5b-instruct"},
             small={"config": GPT_NEO_125M},
-            bridge={"num_heads": 8, "adapter_dim": 256})
+            bridge={"num_heads": 8, "adapter_dim": 256}, data={"max_examples": a.paper_examples})
     rows = []
     for name, cfg in configs.items():
         for fit in a.fit_data.split(","):
             if fit == "gsm8k":
                 rows += measure(f"{name}, trained on GSM8K", cfg.replace(data={
-                    "reasoning_gym_tasks": [], "benchmarks": ["gsm8k"], "max_examples": 300}), a.problems)
+                    "reasoning_gym_tasks": [], "benchmarks": ["gsm8k"],
+                    "max_examples": min(300, cfg.data.max_examples or 300)}), a.problems)
             else:
                 rows += measure(name, cfg, a.problems)
     print(table([[r["config"], r["init"], f"{r['large_width']} -> {r['small_width']}", r["answer_tokens"],
