@@ -125,17 +125,29 @@ def trainable_count(cfg: LLMModulesConfig) -> int:
 # ---- running one piece, resumably -------------------------------------------------------------------------------
 def run_process(argv: list[str], log_path: Path, log=print) -> dict:
     """Run `python -m llm_modules ARGV` in its own process (output to log_path); its wall time and peak memory.
-    A signal to this process is passed on, so the child saves where it is and stops; its exit code ends us too."""
+    SIGTERM / SIGINT to this process are passed on: the child saves where it is and stops, and so do we (with
+    interrupt.Interrupted, the child's exit status); the same command later resumes it."""
+    from .interrupt import Interrupted, StopRequests
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with open(log_path, "ab") as f:
+    with open(log_path, "ab") as f, StopRequests(first="passed on to the arm being trained, which saves and stops",
+                                                 again="passed on already") as stops:
         child = subprocess.Popen([sys.executable, "-m", "llm_modules", *argv], stdout=f, stderr=subprocess.STDOUT)
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        except KeyboardInterrupt:
-            child.send_signal(2)
-            _, status, usage = os.wait4(child.pid, 0)
+        passed = False
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if stops.signum and not passed:
+                child.send_signal(stops.signum)
+                passed = True
+            time.sleep(0.2)
     code = os.waitstatus_to_exitcode(status)
+    if stops.signum:
+        message = f"stopped: {log_path.parent} saved what it had; run the same command again to resume"
+        log(message)
+        raise Interrupted(stops.signum, message)
     if code != 0:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise UserError(f"`llm-modules {' '.join(argv[:3])} ...` stopped with exit code {code}; the last lines of "

@@ -38,6 +38,34 @@ def test_miniature_experiment_trains_evaluates_reports_and_does_not_redo_work(tm
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.log")} == logs
 
 
+@needs_data
+def test_sigterm_stops_the_arm_being_trained_and_a_rerun_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(open("configs/tiny-random.yaml").read())
+    argv = [sys.executable, "-m", "llm_modules", "experiment", "--quick", "--config", str(cfg), "--suites", "facts",
+            "--arms", "small-alone", "--output-dir", str(tmp_path / "exp"), "--train.num_threads", "1",
+            "--train.feature_cache_dir", str(tmp_path / "fc"), "--data.max_examples", "200"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "exp" / "facts" / "small-alone" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and '"train_loss"' in metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 143, out
+    assert "saved what it had" in out and not (metrics.parent / "train.json").exists()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed from" in (metrics.parent / "train.log").read_text()
+    steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
+    assert steps[-1] == 8 and steps == sorted(set(steps))  # every step once, to the end
+
+
 def test_unknown_arm_or_suite_is_a_clear_error(capsys):
     assert main(["experiment", "--arms", "combined-paper,gpt5"]) == 2
     assert "--arms: unknown gpt5; choose from large-alone, combined-paper" in capsys.readouterr().err
