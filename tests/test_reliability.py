@@ -291,10 +291,10 @@ def test_killed_right_after_publishing_the_last_step_keeps_best_current(tmp_path
     argv = train_argv(out, short_data, "--max-steps", REF_STEPS, "--save-every", 1)
     real = ckpt.prune_checkpoints
 
-    def prune(root, keep):
+    def prune(root, keep, **kwargs):
         if step_dir(out, REF_STEPS).exists():
             raise KeyboardInterrupt  # killed between publishing the last checkpoint and anything after it
-        real(root, keep)
+        real(root, keep, **kwargs)
 
     monkeypatch.setattr(ckpt, "prune_checkpoints", prune)
     assert main(argv) == 130
