@@ -1,35 +1,10 @@
 """`bridge.init: large`: the combined model starts at the large model's own next-token predictions.
 
-The large model predicts `logits_L = W s` from its final (normed) hidden state s (D_L) through its LM head W
-(V x D_L). The combined model predicts `logits_C = H n(b(s) + p)` through the small model's blocks, where b is the
-bridge, p the small model's position embedding, n its final norm and H the new head. The initialization:
-
-1. **Identities.** The last projection of every residual branch of the small model (attention output, MLP
-   output) and its learned position table start at zero, so every block passes its input through unchanged.
-   In the bridge, the FFN path's output norm starts at zero and each Enhanced Cross-Attention adds nothing (its
-   attention output projection and its adapter's output norm start at zero), so whatever the gate and the
-   residual mode (`paper` or `plain`) the bridge returns `proj(pre_proj(s))` exactly; `pre_proj` starts as the
-   identity. Then `logits_C = H n(P s)` with P the projection's weight. Each zeroed piece still receives gradients
-   (through the residual stream or the adapter's own residual), so training opens the paths it needs.
-2. **Subspace.** The small width D_S, less one dimension that a LayerNorm removes with the mean and one that
-   carries a constant (below), keeps r <= D_L directions of s. P = Q B: B (r x D_L) keeps the directions along which
-   a change of s moves the large model's distribution the most over the training states: the top eigenvectors of
-   C^1/2 F C^1/2 taken back through C^-1/2, where C = E[s s^T] and F = E[W^T (diag p - p p^T) W] is the Fisher
-   information of the large model's softmax (KL(p || p') ~ 1/2 ds^T F ds), so the truncation loses the least KL.
-   Q embeds them orthonormally in D_S, orthogonal to the all-ones vector, so a LayerNorm's mean removal does
-   nothing; P is scaled so that the median |P s| is sqrt(D_S) (about unit size per channel, the scale the
-   small model's blocks are built for). The projection's bias puts a constant of 3 times that on one more orthogonal
-   direction: the final norm divides by |P s + bias|, which then varies three times less from token to token than
-   |P s| does (the large model's own logits have no such division).
-3. **Head.** H = W M with M the least-squares read-out of s from the normed features n(P s + bias) on the training
-   states (the probe's method, probe.py): the head that best reproduces the large model's logits through the actual
-   small model, its final norm included. Where D_S - 2 >= D_L nothing is truncated and the combined model
-   reproduces the large model exactly when |s| is the same for every token (a final RMSNorm with unit weight),
-   closely otherwise.
-
-Costs: the large head over 4,096 training states (the Fisher metric), a few D_L- and D_S-sized solves, and the
-small model run once over the collected states (at most 20,000 target tokens). Only the trainable weights change;
-the large model's head is read once and never trained or saved.
+The large model predicts `W s` from its final state s through its LM head W; the combined model predicts
+`H n(P s + c)` once its residual branches start at zero (identity blocks, silent bridge). P keeps the directions of s
+that move the large model's distribution the most (its softmax's Fisher metric), c a constant channel that steadies
+the final norm n, and H = W M with M the least-squares read-out of s from n(P s + c) on the training states.
+The math, the costs and what was needed: docs/warm-start.md.
 """
 from __future__ import annotations
 
