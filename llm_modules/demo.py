@@ -3,8 +3,10 @@
 The facts of the train subjects teach the question format (facts.py); the test asks about held-out subjects, whose
 answers appear nowhere in training. The combined model (the config's large and small models, `bridge.init: large`)
 and the same small model alone train for the same steps on the same batches; both, and the large model alone, then
-answer the same held-out questions. The table gives their accuracy with its interval; then the first five held-out
-questions (the head of the fixed held-out order, not picked) with each model's answer and the reference.
+answer the same held-out questions. The table gives their accuracy with its interval, over all questions and over
+those whose answer is no train answer of their relation, beside the floor of answering with the relation's most
+frequent train answer; then the first five held-out questions (the head of the fixed held-out order, not picked)
+with each model's answer and the reference.
 """
 from __future__ import annotations
 
@@ -58,11 +60,20 @@ def run_demo(cfg: LLMModulesConfig, out: Path, *, questions: int = 200, steps: i
 
 
 def comparison_table(results: dict, arms: dict) -> str:
-    lines = ["| model | held-out facts right | accuracy (95% CI) | trainable params | steps |", "|---|---|---|---|---|"]
+    """Each model's held-out accuracy, all questions and those whose answer no training fact of the relation has
+    (only knowledge of the subject reaches them), and the floor of answering with the relation's prior alone."""
+    def cell(d: dict) -> str:
+        return f"{d['correct']}/{d['n']} = {d['accuracy']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+
+    lines = ["| model | held-out facts right (95% CI) | of them, answers never seen in training | trainable params "
+             "| steps |", "|---|---|---|---|---|"]
     for name, arm in arms.items():
         r, s = results[name], results[name]["facts"]
-        lines.append(f"| {name} ({arm.note}) | {s['correct']}/{s['n']} | {s['accuracy']:.3f} "
-                     f"[{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | {r['trainable_params']:,} | {r['steps']} |")
+        lines.append(f"| {name} ({arm.note}) | {cell(s)} | {cell(s['unseen_answers'])} | {r['trainable_params']:,} "
+                     f"| {r['steps']} |")
+    facts = results[next(iter(arms))]["facts"]
+    lines.append(f"| the relation's most frequent train answer, every time (no model) | {cell(facts['prior_baseline'])} "
+                 f"| 0/{facts['unseen_answers']['n']} (never a new answer) | 0 | 0 |")
     return "\n".join(lines)
 
 

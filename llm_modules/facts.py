@@ -76,6 +76,28 @@ def is_correct(answer: str, fact: Fact) -> bool:
     return bool(got) and any(got == normalize(o) for o in fact.objects)
 
 
+def answer_priors(train: list[Fact]) -> dict[str, tuple[set, str]]:
+    """Per relation, what its training facts already teach without any knowledge of a subject: the set of its
+    train answers (normalized) and the most frequent one. A held-out fact whose answer is no train answer of its
+    relation can only be answered from knowledge of the subject; the most frequent answer is the floor a model
+    reaches by learning the relation's prior alone."""
+    counts: dict[str, dict[str, int]] = {}
+    for f in train:
+        c = counts.setdefault(f.relation, {})
+        key = normalize(f.objects[0])
+        c[key] = c.get(key, 0) + 1
+    seen = {rel: {normalize(o) for f in train if f.relation == rel for o in f.objects} for rel in counts}
+    return {rel: (seen[rel], max(c, key=lambda k: (c[k], k))) for rel, c in counts.items()}
+
+
+def prior_flags(fact: Fact, priors: dict[str, tuple[set, str]]) -> dict:
+    """{"answer_in_train": the answer (or an alias) is a train answer of the relation, "prior_correct": the
+    relation's most frequent train answer is right for this fact}."""
+    seen, top = priors.get(fact.relation, (set(), ""))
+    names = {normalize(o) for o in fact.objects}
+    return {"answer_in_train": bool(names & seen), "prior_correct": top in names}
+
+
 def load_facts(root: Path) -> list[Fact]:
     """Every fact under `root` (the `facts/` folder of the data dir), grouped by (relation, subject)."""
     rel_dir = root / "relations" / "factual"

@@ -55,16 +55,22 @@ def suite_table(results: dict, out: Path, suite: str) -> str:
     head = headline(results, out, suite)
     tasks = [t for t in dict.fromkeys(t for r in arms.values() for t in r["eval"])]
     cols = ["arm", "trainable params", "train min", "peak GiB", *(
-        ["facts, known relations", "facts, all relations"] if suite == "facts" else tasks),
+        ["facts, known relations", "facts, all relations", "facts, answers never seen in training"]
+        if suite == "facts" else tasks),
         "decode tok/s b=1", "b=16"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, r in arms.items():
-        accs = ([_acc(head[name]), _acc(r["eval"]["facts"])] if suite == "facts"
+        accs = ([_acc(head[name]), _acc(r["eval"]["facts"]), _acc(r["eval"]["facts"]["unseen_answers"])]
+                if suite == "facts"
                 else [_acc(r["eval"][t]) if t in r["eval"] else "-" for t in tasks])
         train_min = f"{r['wall_seconds'] / 60:.1f}" if "wall_seconds" in r else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
         lines.append(f"| {name} | {r['trainable_params']:,} | {train_min} | {mem} | " + " | ".join(accs)
                      + f" | {r['speed']['batch_1']:.1f} | {r['speed']['batch_16']:.1f} |")
+    if suite == "facts":
+        prior = next(iter(arms.values()))["eval"]["facts"]["prior_baseline"]
+        lines.append(f"\nThe floor of the relation's prior (its most frequent train answer for every question, no "
+                     f"model): {_acc(prior)} over all relations.")
     return "\n".join(lines)
 
 

@@ -138,9 +138,11 @@ def facts_split(root: Optional[Path]) -> tuple[list[facts_mod.Fact], list[facts_
 
 
 def _facts_items(root: Optional[Path]) -> list[Item]:
-    _, test = facts_split(root)
+    train, test = facts_split(root)
+    priors = facts_mod.answer_priors(train)
     return [Item(f"facts/{f.relation}/{f.subject}", f.question(), f.objects[0],
-                 {"relation": f.relation, "aliases": list(f.objects)}, f) for f in test]
+                 {"relation": f.relation, "aliases": list(f.objects), **facts_mod.prior_flags(f, priors)}, f)
+            for f in test]
 
 
 def _facts_judge(output: str, item: Item) -> tuple[Optional[str], bool]:
@@ -326,6 +328,22 @@ def summarize(task: str, metric: str, flags: list[bool], **extra) -> dict:
             "ci95": wilson(k, n), **extra}
 
 
+def facts_extra(rows: list[dict]) -> dict:
+    """What a facts summary adds: per-relation and macro accuracy; the accuracy on the questions whose answer is no
+    train answer of their relation (knowledge of the subject is the only way to them); the accuracy of answering
+    every question with its relation's most frequent train answer (the floor a model reaches with the prior alone)."""
+    rel = per_relation(rows)
+    unseen = [r["correct"] for r in rows if not r["answer_in_train"]]
+    prior = [r["prior_correct"] for r in rows]
+    return {"per_relation": rel, "macro_accuracy": sum(r["accuracy"] for r in rel.values()) / max(len(rel), 1),
+            "unseen_answers": {"n": len(unseen), "correct": sum(unseen),
+                               "accuracy": sum(unseen) / len(unseen) if unseen else 0.0,
+                               "ci95": wilson(sum(unseen), len(unseen))},
+            "prior_baseline": {"n": len(prior), "correct": sum(prior),
+                               "accuracy": sum(prior) / len(prior) if prior else 0.0,
+                               "ci95": wilson(sum(prior), len(prior))}}
+
+
 def per_relation(rows: list[dict]) -> dict:
     groups: dict[str, list[bool]] = {}
     for r in rows:
@@ -386,10 +404,7 @@ def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = Fals
         log(f"{name}: {len(items)} items, greedy, at most {max_new_tokens or task.max_new_tokens} new tokens, "
             f"batch {batch_size}")
         got, timing = run_generation(task, generator, items, batch_size, max_new_tokens)
-        extra = {"per_relation": per_relation(got)} if name == "facts" else {}
-        if extra:
-            extra["macro_accuracy"] = sum(r["accuracy"] for r in extra["per_relation"].values()) / max(
-                len(extra["per_relation"]), 1)
+        extra = facts_extra(got) if name == "facts" else {}
         summaries.append(summarize(name, task.metric, [r["correct"] for r in got], **timing, **extra))
         rows += got
     mc = [n for n in names if n in LOGLIKELIHOOD_TASKS]
@@ -422,6 +437,12 @@ def table(summaries: list[dict]) -> str:
     for s in summaries:
         if "acc" in s:
             lines.append(f"\n{s['task']}: acc {s['acc']:.3f} [{s['acc_ci95'][0]:.3f}, {s['acc_ci95'][1]:.3f}]")
+        if "unseen_answers" in s:
+            u, p = s["unseen_answers"], s["prior_baseline"]
+            lines.append(f"\nfacts whose answer is no train answer of the relation: {u['correct']}/{u['n']} = "
+                         f"{u['accuracy']:.3f} [{u['ci95'][0]:.3f}, {u['ci95'][1]:.3f}]; the relation's most "
+                         f"frequent train answer for every question: {p['correct']}/{p['n']} = {p['accuracy']:.3f} "
+                         f"[{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]")
         if "per_relation" in s:
             lines.append(f"\nfacts per relation (macro accuracy {s['macro_accuracy']:.3f}):")
             lines += [f"  {rel}: {r['accuracy']:.3f} of {r['n']}" for rel, r in s["per_relation"].items()]

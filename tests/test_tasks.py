@@ -58,6 +58,22 @@ def test_facts_from_the_shared_data_keep_held_out_subjects_out_of_training():
     assert [t.relation for t in test[:3]] == sorted({f.relation for f in test})[:3]  # a prefix mixes relations
 
 
+def test_facts_summary_separates_knowledge_from_the_relations_prior():
+    train = [_fact("continent", s, (o,)) for s, o in [("a", "Asia"), ("b", "Asia"), ("c", "Europe")]]
+    priors = facts.answer_priors(train)
+    assert priors["continent"] == ({"asia", "europe"}, "asia")
+    asia, africa = _fact("continent", "d", ("Asia",)), _fact("continent", "e", ("Africa",))
+    assert facts.prior_flags(asia, priors) == {"answer_in_train": True, "prior_correct": True}
+    assert facts.prior_flags(africa, priors) == {"answer_in_train": False, "prior_correct": False}
+    assert facts.prior_flags(_fact("unknown relation"), priors) == {"answer_in_train": False, "prior_correct": False}
+    rows = [{"relation": "continent", "correct": c, **facts.prior_flags(f, priors)}
+            for f, c in [(asia, True), (africa, False), (africa, True), (asia, False)]]
+    extra = tasks.facts_extra(rows)
+    assert extra["unseen_answers"]["n"] == 2 and extra["unseen_answers"]["correct"] == 1
+    assert extra["prior_baseline"]["correct"] == 2 and extra["prior_baseline"]["accuracy"] == 0.5
+    assert extra["per_relation"]["continent"]["accuracy"] == 0.5 and extra["macro_accuracy"] == 0.5
+
+
 def test_facts_scorer_normalizes_and_accepts_aliases_and_a_restated_sentence():
     dc = _fact("country_capital_city", "United States", ("Washington D.C.",))
     assert facts.is_correct(facts.extract("The Washington, D.C.\nmore text", dc), dc)
