@@ -1,6 +1,6 @@
 """How close `bridge.init: large` starts to the large model: top-1 agreement and KL(large || combined) at step 0.
 
-    python benchmarks/warm_start.py [--config configs/default.yaml] [--paper] [--problems 50] [--threads 2]
+    python benchmarks/warm_start.py [--config configs/default.yaml] [--paper] [--wide-small] [--problems 50] [--threads 2]
 
 For each configuration: a training run is set up exactly as `llm-modules train` sets it up (its data, its feature
 cache, the warm start fitted on its training states; no step is taken), then both models read the first
@@ -10,7 +10,8 @@ state, over the tokens of the output vocabulary) against the combined model's. `
 measured beside it as the baseline. `--paper` adds the paper's widths: Qwen2.5-Coder-1.5B (1536) -> a random
 GPT-Neo-125M-shaped small model (768, 12 layers), trained on the same data as the default config (its first
 `--paper-examples` examples: the 1.5B reads about 20 tokens/s on 2 CPU threads).
-`--fit-data gsm8k` adds runs whose training data (and so the warm start's fit) is 300 GSM8K train problems instead
+`--wide-small` adds the config's large model with that GPT-Neo-125M-shaped small model (768 wide): the width alone
+changed, on the same data. `--fit-data gsm8k` adds runs whose training data (and so the warm start's fit) is 300 GSM8K train problems instead
 of the config's own, to separate the width's limit from the distance between the training data and GSM8K.
 Prints a table and writes benchmarks/results/warm_start.json.
 """
@@ -36,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
     p.add_argument("--paper", action="store_true", help="also the paper's widths with the 1.5B large model")
     p.add_argument("--only-paper", action="store_true", help="the paper's widths only")
+    p.add_argument("--wide-small", action="store_true",
+                   help="also the config's large model with the paper's small model (768 wide, 12 layers)")
     p.add_argument("--paper-examples", type=int, default=100,
                    help="training examples at the paper's widths (the 1.5B reads about 20 tokens/s here)")
     p.add_argument("--problems", type=int, default=50, help="GSM8K test problems (default 50)")
@@ -121,11 +124,14 @@ def main(argv=None) -> int:
 
     base = LLMModulesConfig.from_yaml(a.config).replace(train={"num_threads": a.threads})
     configs = {} if a.only_paper else {Path(a.config).stem: base}
+    paper_bridge = {"num_heads": 8, "adapter_dim": 256}
+    if a.wide_small:
+        configs[f"{Path(a.config).stem}, GPT-Neo-125M-shaped small model"] = base.replace(
+            small={"config": GPT_NEO_125M}, bridge=paper_bridge)
     if a.paper or a.only_paper:
         configs["paper widths (1.5B -> GPT-Neo-125M shape)"] = base.replace(
             large={"name_or_path": "qwen2.5-coder-1.5b-instruct"},
-            small={"config": GPT_NEO_125M},
-            bridge={"num_heads": 8, "adapter_dim": 256}, data={"max_examples": a.paper_examples})
+            small={"config": GPT_NEO_125M}, bridge=paper_bridge, data={"max_examples": a.paper_examples})
     rows = []
     for name, cfg in configs.items():
         for fit in a.fit_data.split(","):
