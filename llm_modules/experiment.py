@@ -218,7 +218,8 @@ def curve_arm(out: Path, suite: Suite, log=print) -> list[dict]:
         step = int(ckpt.name.removeprefix("step-"))
         (summary,) = evaluate_arm(ckpt, {task: limit}, out / "curve" / f"step-{step:08d}", large_only=False,
                                   batch_size=16, max_new_tokens=suite.max_new_tokens, log=log)
-        points.append({"step": step, "accuracy": summary["accuracy"], "ci95": summary["ci95"], "n": summary["n"]})
+        points.append({"step": step, **{k: summary[k] for k in ("accuracy", "ci95", "n", "unseen_answers")
+                                         if k in summary}})
     return points
 
 

@@ -74,6 +74,16 @@ def suite_table(results: dict, out: Path, suite: str) -> str:
     return "\n".join(lines)
 
 
+def curve_table(results: dict, suite: str) -> str:
+    """The learning curves as numbers: held-out accuracy per kept step (facts: also on answers never seen)."""
+    arms = {n: r["curve"] for n, r in ordered(results["suites"][suite]).items() if r.get("curve")}
+    lines = ["| arm | step | held-out accuracy | answers never seen in training |", "|---|---|---|---|"]
+    for name, pts in arms.items():
+        lines += [f"| {name} | {p['step']} | {_acc(p)} | {_acc(p['unseen_answers']) if 'unseen_answers' in p else '-'} |"
+                  for p in pts]
+    return "\n".join(lines)
+
+
 def plot_curves(results: dict, out: Path, suite: str, path: Path) -> None:
     import matplotlib
 
@@ -133,6 +143,7 @@ def write_report(results: dict, out: Path) -> str:
         if suite == "facts" and (out / "facts" / "large-alone" / "eval" / "facts.jsonl").is_file():
             parts.append("Known relations (the large model alone above 10%): " + ", ".join(facts_relations(out)))
         if any(r.get("curve") for r in results["suites"][suite].values()):
+            parts.append("Learning curves:\n\n" + curve_table(results, suite))
             plot_curves(results, out, suite, out / f"curves-{suite}.png")
         plot_frontier(results, out, suite, out / f"frontier-{suite}.png")
     text = "\n\n".join(parts) + "\n"
