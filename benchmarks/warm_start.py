@@ -26,10 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, machine, set_threads, table, write_json  # noqa: E402
 
+from llm_modules.experiment import GPT_NEO_125M  # noqa: E402  the paper's small model shape
+
 REPO = Path(__file__).resolve().parent.parent
-GPT_NEO_125M = {"model_type": "gpt_neo", "vocab_size": 8, "bos_token_id": 0, "eos_token_id": 0, "hidden_size": 768,
-                "num_layers": 12, "num_heads": 12, "attention_types": [[["global", "local"], 6]],
-                "window_size": 256, "max_position_embeddings": 2048, "intermediate_size": 3072}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

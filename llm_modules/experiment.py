@@ -31,6 +31,10 @@ from .config import LLMModulesConfig
 from .errors import UserError
 
 SMOLLM = {"name_or_path": "smollm2-135m-instruct", "config": None, "pretrained": True, "overrides": {}}
+# The paper's small model (EleutherAI/gpt-neo-125M's shape: 768 wide, 12 layers), random, built from an inline config.
+GPT_NEO_125M = {"model_type": "gpt_neo", "vocab_size": 8, "bos_token_id": 0, "eos_token_id": 0, "hidden_size": 768,
+                "num_layers": 12, "num_heads": 12, "attention_types": [[["global", "local"], 6]],
+                "window_size": 256, "max_position_embeddings": 2048, "intermediate_size": 3072}
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ ARMS = {a.name: a for a in (
     Arm("combined-paper", "train", curve=True, note="the paper: random small model, bridge and head"),
     Arm("combined-large", "train", {"bridge": {"init": "large"}, "train": {"lr_bridge": 1.0e-4, "lr_small": 1.0e-4}},
         curve=True, note="the warm start: begins at the large model's predictions (lr 1e-4)"),
+    Arm("combined-large-wide", "train", {"small": {"config": GPT_NEO_125M},
+                                         "bridge": {"num_heads": 8, "adapter_dim": 256, "init": "large"},
+                                         "train": {"lr_bridge": 1.0e-4, "lr_small": 1.0e-4}}, curve=True,
+        note="the warm start with the paper's small model shape (768 wide, 12 layers; it keeps 766 of 896 directions)"),
     Arm("small-alone", "train", {"coupling": "none"}, curve=True, note="the same small model, its own embeddings"),
     Arm("distill", "train", {"coupling": "none", "train": {"distill_weight": 0.5}},
         note="small alone + KL to the large model's distribution (w = 0.5)"),
