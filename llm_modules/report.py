@@ -30,10 +30,11 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
-def restricted(out: Path, suite: str, arm: str, relations: list[str]) -> dict:
-    """Facts accuracy of an arm over `relations` only, with its interval."""
+def restricted(out: Path, suite: str, arm: str, relations: list[str], field: str = "correct") -> dict:
+    """Facts accuracy of an arm over `relations` only, with its interval (`field`: "prior_correct" gives the floor
+    of the relations' most frequent train answers on the same questions)."""
     rows = [r for r in _rows(out / suite / arm / "eval" / "facts.jsonl") if r["relation"] in relations]
-    k = sum(r["correct"] for r in rows)
+    k = sum(r[field] for r in rows)
     return {"n": len(rows), "correct": k, "accuracy": k / max(len(rows), 1), "ci95": wilson(k, len(rows))}
 
 
@@ -141,7 +142,10 @@ def write_report(results: dict, out: Path) -> str:
     for suite in results["suites"]:
         parts.append(f"## {suite}\n\n" + suite_table(results, out, suite))
         if suite == "facts" and (out / "facts" / "large-alone" / "eval" / "facts.jsonl").is_file():
-            parts.append("Known relations (the large model alone above 10%): " + ", ".join(facts_relations(out)))
+            rels = facts_relations(out)
+            parts.append("Known relations (the large model alone above 10%): " + ", ".join(rels) + ". The floor of "
+                         "their prior on the same questions: "
+                         + _acc(restricted(out, suite, "large-alone", rels, "prior_correct")) + ".")
         if any(r.get("curve") for r in results["suites"][suite].values()):
             parts.append("Learning curves:\n\n" + curve_table(results, suite))
             plot_curves(results, out, suite, out / f"curves-{suite}.png")
