@@ -1,6 +1,7 @@
 """How close `bridge.init: large` starts to the large model: top-1 agreement and KL(large || combined) at step 0.
 
-    python benchmarks/warm_start.py [--config configs/default.yaml] [--paper] [--wide-small] [--problems 50] [--threads 2]
+    python benchmarks/warm_start.py [--config configs/default.yaml] [--paper] [--wide-small] [--problems 50]
+        [--threads 2]
 
 For each configuration: a training run is set up exactly as `llm-modules train` sets it up (its data, its feature
 cache, the warm start fitted on its training states; no step is taken), then both models read the first
@@ -11,8 +12,9 @@ measured beside it as the baseline. `--paper` adds the paper's widths: Qwen2.5-C
 GPT-Neo-125M-shaped small model (768, 12 layers), trained on the same data as the default config (its first
 `--paper-examples` examples: the 1.5B reads about 20 tokens/s on 2 CPU threads).
 `--wide-small` adds the config's large model with that GPT-Neo-125M-shaped small model (768 wide): the width alone
-changed, on the same data. `--fit-data gsm8k` adds runs whose training data (and so the warm start's fit) is 300 GSM8K train problems instead
-of the config's own, to separate the width's limit from the distance between the training data and GSM8K.
+changed, on the same data. `--fit-data gsm8k` adds runs whose training data (and so the warm start's fit) is 300
+GSM8K train problems instead of the config's own, to separate the width's limit from the distance between the
+training data and GSM8K.
 Prints a table and writes benchmarks/results/warm_start.json.
 """
 from __future__ import annotations

@@ -72,8 +72,8 @@ def comparison_table(results: dict, arms: dict) -> str:
         lines.append(f"| {name} ({arm.note}) | {cell(s)} | {cell(s['unseen_answers'])} | {r['trainable_params']:,} "
                      f"| {r['steps']} |")
     facts = results[next(iter(arms))]["facts"]
-    lines.append(f"| the relation's most frequent train answer, every time (no model) | {cell(facts['prior_baseline'])} "
-                 f"| 0/{facts['unseen_answers']['n']} (never a new answer) | 0 | 0 |")
+    lines.append(f"| the relation's most frequent train answer, every time (no model) | "
+                 f"{cell(facts['prior_baseline'])} | 0/{facts['unseen_answers']['n']} (never a new answer) | 0 | 0 |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import atomic_write, atomic_write_text
-from .tasks import wilson
+from .tasks import proportion
 
 FACTS_FLOOR = 0.10  # facts: relations where the large model alone scores above this are the headline
 
@@ -33,9 +33,8 @@ def _rows(path: Path) -> list[dict]:
 def restricted(out: Path, suite: str, arm: str, relations: list[str], field: str = "correct") -> dict:
     """Facts accuracy of an arm over `relations` only, with its interval (`field`: "prior_correct" gives the floor
     of the relations' most frequent train answers on the same questions)."""
-    rows = [r for r in _rows(out / suite / arm / "eval" / "facts.jsonl") if r["relation"] in relations]
-    k = sum(r[field] for r in rows)
-    return {"n": len(rows), "correct": k, "accuracy": k / max(len(rows), 1), "ci95": wilson(k, len(rows))}
+    rows = _rows(out / suite / arm / "eval" / "facts.jsonl")
+    return proportion([r[field] for r in rows if r["relation"] in relations])
 
 
 def headline(results: dict, out: Path, suite: str) -> dict[str, dict]:
@@ -80,8 +79,8 @@ def curve_table(results: dict, suite: str) -> str:
     arms = {n: r["curve"] for n, r in ordered(results["suites"][suite]).items() if r.get("curve")}
     lines = ["| arm | step | held-out accuracy | answers never seen in training |", "|---|---|---|---|"]
     for name, pts in arms.items():
-        lines += [f"| {name} | {p['step']} | {_acc(p)} | {_acc(p['unseen_answers']) if 'unseen_answers' in p else '-'} |"
-                  for p in pts]
+        lines += [f"| {name} | {p['step']} | {_acc(p)} | "
+                  f"{_acc(p['unseen_answers']) if 'unseen_answers' in p else '-'} |" for p in pts]
     return "\n".join(lines)
 
 

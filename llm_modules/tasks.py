@@ -322,10 +322,14 @@ def wilson(correct: int, n: int, z: float = 1.96) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def summarize(task: str, metric: str, flags: list[bool], **extra) -> dict:
+def proportion(flags: list) -> dict:
+    """{"n", "correct", "accuracy", "ci95"} of a list of verdicts."""
     n, k = len(flags), sum(map(bool, flags))
-    return {"task": task, "n": n, "metric": metric, "correct": k, "accuracy": k / n if n else 0.0,
-            "ci95": wilson(k, n), **extra}
+    return {"n": n, "correct": k, "accuracy": k / n if n else 0.0, "ci95": wilson(k, n)}
+
+
+def summarize(task: str, metric: str, flags: list[bool], **extra) -> dict:
+    return {"task": task, "metric": metric, **proportion(flags), **extra}
 
 
 def facts_extra(rows: list[dict]) -> dict:
@@ -333,15 +337,9 @@ def facts_extra(rows: list[dict]) -> dict:
     train answer of their relation (knowledge of the subject is the only way to them); the accuracy of answering
     every question with its relation's most frequent train answer (the floor a model reaches with the prior alone)."""
     rel = per_relation(rows)
-    unseen = [r["correct"] for r in rows if not r["answer_in_train"]]
-    prior = [r["prior_correct"] for r in rows]
     return {"per_relation": rel, "macro_accuracy": sum(r["accuracy"] for r in rel.values()) / max(len(rel), 1),
-            "unseen_answers": {"n": len(unseen), "correct": sum(unseen),
-                               "accuracy": sum(unseen) / len(unseen) if unseen else 0.0,
-                               "ci95": wilson(sum(unseen), len(unseen))},
-            "prior_baseline": {"n": len(prior), "correct": sum(prior),
-                               "accuracy": sum(prior) / len(prior) if prior else 0.0,
-                               "ci95": wilson(sum(prior), len(prior))}}
+            "unseen_answers": proportion([r["correct"] for r in rows if not r["answer_in_train"]]),
+            "prior_baseline": proportion([r["prior_correct"] for r in rows])}
 
 
 def per_relation(rows: list[dict]) -> dict:
