@@ -346,8 +346,7 @@ def per_relation(rows: list[dict]) -> dict:
     groups: dict[str, list[bool]] = {}
     for r in rows:
         groups.setdefault(r["relation"], []).append(r["correct"])
-    return {rel: {"n": len(v), "accuracy": sum(v) / len(v), "ci95": wilson(sum(v), len(v))}
-            for rel, v in sorted(groups.items())}
+    return {rel: proportion(v) for rel, v in sorted(groups.items())}
 
 
 # ---- log-likelihood tasks through lm-evaluation-harness --------------------------------------------------------
