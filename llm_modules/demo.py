@@ -19,6 +19,7 @@ from .checkpoint import atomic_write_json, atomic_write_text
 from .config import LLMModulesConfig
 from .experiment import ARMS, SUITES, arm_config, evaluate_arm, train_arm
 from .plots import plot_metrics
+from .tasks import proportion_text
 
 # Sized for about 15 minutes on 2 CPU cores from an empty cache: 1,500 of the 6,955 train facts, 60 steps of 16.
 DEMO = replace(SUITES["facts"], data={**SUITES["facts"].data, "max_examples": 1500}, steps=60, batch_size=16,
@@ -62,18 +63,16 @@ def run_demo(cfg: LLMModulesConfig, out: Path, *, questions: int = 200, steps: i
 def comparison_table(results: dict, arms: dict) -> str:
     """Each model's held-out accuracy, all questions and those whose answer no training fact of the relation has
     (only knowledge of the subject reaches them), and the floor of answering with the relation's prior alone."""
-    def cell(d: dict) -> str:
-        return f"{d['correct']}/{d['n']} = {d['accuracy']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
-
     lines = ["| model | held-out facts right (95% CI) | of them, answers never seen in training | trainable params "
              "| steps |", "|---|---|---|---|---|"]
     for name, arm in arms.items():
         r, s = results[name], results[name]["facts"]
-        lines.append(f"| {name} ({arm.note}) | {cell(s)} | {cell(s['unseen_answers'])} | {r['trainable_params']:,} "
-                     f"| {r['steps']} |")
+        lines.append(f"| {name} ({arm.note}) | {proportion_text(s)} | {proportion_text(s['unseen_answers'])} "
+                     f"| {r['trainable_params']:,} | {r['steps']} |")
     facts = results[next(iter(arms))]["facts"]
     lines.append(f"| the relation's most frequent train answer, every time (no model) | "
-                 f"{cell(facts['prior_baseline'])} | 0/{facts['unseen_answers']['n']} (never a new answer) | 0 | 0 |")
+                 f"{proportion_text(facts['prior_baseline'])} | 0/{facts['unseen_answers']['n']} (never a new answer) "
+                 "| 0 | 0 |")
     return "\n".join(lines)
 
 

@@ -82,11 +82,12 @@ def answer_priors(train: list[Fact]) -> dict[str, tuple[set, str]]:
     relation can only be answered from knowledge of the subject; the most frequent answer is the floor a model
     reaches by learning the relation's prior alone."""
     counts: dict[str, dict[str, int]] = {}
+    seen: dict[str, set] = {}
     for f in train:
         c = counts.setdefault(f.relation, {})
         key = normalize(f.objects[0])
         c[key] = c.get(key, 0) + 1
-    seen = {rel: {normalize(o) for f in train if f.relation == rel for o in f.objects} for rel in counts}
+        seen.setdefault(f.relation, set()).update(normalize(o) for o in f.objects)
     return {rel: (seen[rel], max(c, key=lambda k: (c[k], k))) for rel, c in counts.items()}
 
 

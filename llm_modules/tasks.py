@@ -328,6 +328,11 @@ def proportion(flags: list) -> dict:
     return {"n": n, "correct": k, "accuracy": k / n if n else 0.0, "ci95": wilson(k, n)}
 
 
+def proportion_text(p: dict) -> str:
+    """A proportion() as "k/n = accuracy [lo, hi]"."""
+    return f"{p['correct']}/{p['n']} = {p['accuracy']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]"
+
+
 def summarize(task: str, metric: str, flags: list[bool], **extra) -> dict:
     return {"task": task, "metric": metric, **proportion(flags), **extra}
 
@@ -435,11 +440,9 @@ def table(summaries: list[dict]) -> str:
         if "acc" in s:
             lines.append(f"\n{s['task']}: acc {s['acc']:.3f} [{s['acc_ci95'][0]:.3f}, {s['acc_ci95'][1]:.3f}]")
         if "unseen_answers" in s:
-            u, p = s["unseen_answers"], s["prior_baseline"]
-            lines.append(f"\nfacts whose answer is no train answer of the relation: {u['correct']}/{u['n']} = "
-                         f"{u['accuracy']:.3f} [{u['ci95'][0]:.3f}, {u['ci95'][1]:.3f}]; the relation's most "
-                         f"frequent train answer for every question: {p['correct']}/{p['n']} = {p['accuracy']:.3f} "
-                         f"[{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]")
+            lines.append(f"\nfacts whose answer is no train answer of the relation: "
+                         f"{proportion_text(s['unseen_answers'])}; the relation's most frequent train answer for "
+                         f"every question: {proportion_text(s['prior_baseline'])}")
         if "per_relation" in s:
             lines.append(f"\nfacts per relation (macro accuracy {s['macro_accuracy']:.3f}):")
             lines += [f"  {rel}: {r['accuracy']:.3f} of {r['n']}" for rel, r in s["per_relation"].items()]
