@@ -5,59 +5,13 @@ User mistakes (UserError) print one message to stderr and exit with status 2, wi
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
+from .config import load_config, parse_overrides
 from .errors import UserError
-from .loading import resolve_checkpoint
-
-
-# ---- config + dotted overrides --------------------------------------------------------------------------------
-def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
-    """["--train.lr_bridge", "1e-4", ...] -> [("train.lr_bridge", 1e-4)]; values are read as YAML scalars."""
-    out, i = [], 0
-    while i < len(pairs):
-        key = pairs[i]
-        if not key.startswith("--") or len(key) < 3:
-            raise UserError(f"unrecognized argument {key!r}; overrides look like --section.key VALUE "
-                            "(e.g. --train.lr_bridge 1e-4) or --key VALUE for a top-level key (e.g. --coupling none)")
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(pairs):
-                raise UserError(f"override {key} needs a value")
-            raw, i = pairs[i + 1], i + 2
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
-            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; a number is what is meant
-        out.append((key[2:], value))
-    return out
-
-
-def load_config(path: str, overrides: list[tuple[str, object]] = (), **train: object):
-    from .config import LLMModulesConfig, load_yaml
-
-    d = load_yaml(path)
-    for key, value in overrides:
-        node = d
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise UserError(f"override --{key}: {p} is not a section")
-        node[leaf] = value
-    for k, v in train.items():
-        if v is not None:
-            d.setdefault("train", {})[k] = v
-    return LLMModulesConfig.from_dict(d, where=path)
+from .loading import load_for_generation, resolve_checkpoint
 
 
 # ---- subcommands ----------------------------------------------------------------------------------------------
@@ -116,7 +70,7 @@ def cmd_eval(args, extra) -> int:
     from .checkpoint import atomic_write_text
     from .evaluate import answer_accuracy, heldout_loss
     from .model import LLMModules
-    from .train import load_data
+    from .data import load_data
 
     if args.task:
         return _eval_tasks(args)
@@ -136,7 +90,7 @@ def cmd_eval(args, extra) -> int:
     if args.data:  # evaluate every record of this file / dataset (nothing is split off)
         cfg = cfg.replace(data={"path": args.data, "reasoning_gym_tasks": [], "benchmarks": [], "val_path": args.data,
                                 "hub_split": args.split, "max_examples": args.max_examples})
-    data, _ = load_data(cfg, model, log=lambda *a: None)
+    data, _ = load_data(cfg, model.large_tokenizer, model.tokenizer, log=lambda *a: None)
     examples = data.val if data.val else data.train
     examples = examples[: args.max_examples] if args.max_examples else examples
     loss = heldout_loss(model, examples)
@@ -184,7 +138,7 @@ def cmd_demo(args, extra) -> int:
 def cmd_cache_features(args, extra) -> int:
     from . import features
     from .model import LLMModules
-    from .train import load_data
+    from .data import load_data
 
     cfg = load_config(args.config, parse_overrides(extra))
     if cfg.coupling == "none":
@@ -196,19 +150,6 @@ def cmd_cache_features(args, extra) -> int:
     for split, f in found.items():
         print(f"{split}: {f.num_examples} examples in {f.directory}")
     return 0
-
-
-def _load_for_generation(args):
-    from .model import LLMModules
-    from .row_split import split_rows
-
-    model = LLMModules.from_pretrained(resolve_checkpoint(args.checkpoint)).eval()
-    # Only generates in this process: frozen whole, so split_rows stores every wide weight column-major once (the
-    # trainable ones included), instead of stream copying them for each answer (row_split.py).
-    split_rows(model.requires_grad_(False))
-    if model.tokenizer is None:
-        raise UserError(f"{args.checkpoint}: this model has no tokenizer, so it cannot read text prompts")
-    return model
 
 
 def _sampling(args):
@@ -251,7 +192,7 @@ def cmd_generate(args, extra) -> int:
         prompts += [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not prompts:
         raise UserError("give --prompt TEXT (repeatable) or --prompts-file FILE (one prompt per line)")
-    model = _load_for_generation(args)
+    model = load_for_generation(args.checkpoint)
     for text in prompts:
         if len(prompts) > 1:
             print(f"\n>>> {text}")
@@ -260,7 +201,7 @@ def cmd_generate(args, extra) -> int:
 
 
 def cmd_chat(args, extra) -> int:
-    model = _load_for_generation(args)
+    model = load_for_generation(args.checkpoint)
     history: list[dict] = []
     print("chat: empty line or Ctrl-D to quit, /reset to forget the conversation")
     while True:

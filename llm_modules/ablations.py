@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from . import features as features_mod
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import LLMModulesConfig
+from .data import load_data
 from .evaluate import answer_accuracy, extract_answer, heldout_loss, is_correct
 from .model import LLMModules
 from .plots import plot_metrics
-from .train import load_data, train
+from .train import train
 
 ARMS: dict[str, dict] = {
     "combined": {},
@@ -66,7 +67,7 @@ def run_arm(arm: LLMModulesConfig, eval_examples: int, max_new_tokens: int, log=
     progress = train(arm, resume=True, log=log)
     train_s = time.perf_counter() - t0
     model = LLMModules.from_pretrained(out / "best").eval()
-    data, _ = load_data(arm, model, log=lambda *a: None)
+    data, _ = load_data(arm, model.large_tokenizer, model.tokenizer, log=lambda *a: None)
     cached = features_mod.available(arm, data) if arm.coupling == "stream" else None
     loss = heldout_loss(model, data.val, features=cached["val"] if cached else None)
     t1 = time.perf_counter()
@@ -114,7 +115,7 @@ def large_alone(cfg, data, cached, head, eval_examples: int, max_new_tokens: int
 
     from .backbones import quiet_transformers, resolve_path
     from .generate import prompt_batch
-    from .model import load_model_tokenizer
+    from .backbones import load_model_tokenizer
 
     total, count = 0.0, 0
     for i, ex in enumerate(data.val):  # loss from the cached final states through the large model's own head

@@ -14,9 +14,11 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from .config import ModelSpec
+from .config import LLMModulesConfig, ModelSpec
 from .errors import UserError
 
+# An inline (random) large model depends on its config alone, so any checkpoint naming that config can rebuild it.
+INLINE_LARGE_SEED = 1234
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,7 +49,7 @@ def resolve_path(spec: ModelSpec) -> str:
     return resolve(spec.name_or_path) if spec.name_or_path in WEIGHTS else spec.name_or_path
 
 
-def load_config(spec: ModelSpec, where: str) -> PretrainedConfig:
+def load_hf_config(spec: ModelSpec, where: str) -> PretrainedConfig:
     if spec.config is not None:
         kwargs = {**spec.config, **spec.overrides}
         model_type = kwargs.pop("model_type")
@@ -88,7 +90,7 @@ def load_backbone(
                         f"`llm-modules weights fetch {spec.name_or_path}`")
             raise UserError(f"{where}.name_or_path: cannot load weights from {spec.name_or_path!r}: {e}{hint}") from None
     else:
-        config = load_config(spec, where)
+        config = load_hf_config(spec, where)
         with seeded(seed):
             model = auto.from_config(config, dtype=dtype)
     return model
@@ -97,9 +99,7 @@ def load_backbone(
 def load_causal_lm(spec: ModelSpec, where: str) -> PreTrainedModel:
     """The whole causal LM (AutoModelForCausalLM: blocks, final norm and its own LM head) described by `spec`: its
     pretrained weights when `spec` names a model, else random weights from its inline config, seeded with
-    model.INLINE_LARGE_SEED (as the large model is built), so every call builds the same model."""
-    from .model import INLINE_LARGE_SEED  # lazy: model.py imports this module
-
+    INLINE_LARGE_SEED (as the large model is built), so every call builds the same model."""
     return load_backbone(spec, pretrained=True, seed=INLINE_LARGE_SEED, where=where, with_head=True)
 
 
@@ -131,3 +131,29 @@ def freeze(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)
     module.eval()
     return module
+
+
+# ---- tokenizers ------------------------------------------------------------------------------------------------
+def load_model_tokenizer(config: LLMModulesConfig):
+    """The large model's tokenizer (or the configured one); None for an inline random large model without one."""
+    name = config.tokenizer
+    gguf = None
+    if name is None and config.large.name_or_path is not None:
+        name, gguf = resolve_path(config.large), config.large.gguf_file
+    if name is None:
+        return None
+    from .vocab import load_tokenizer
+
+    return load_tokenizer(name, gguf_file=gguf)
+
+
+def load_small_tokenizer(config: LLMModulesConfig):
+    """coupling: prompt decodes in the small model's own vocabulary."""
+    name = config.small_tokenizer
+    if name is None and config.small.name_or_path is not None:
+        name = resolve_path(config.small)
+    if name is None:
+        raise UserError("coupling: prompt with an inline small config needs `small_tokenizer` (e.g. byte-level)")
+    from .vocab import load_tokenizer
+
+    return load_tokenizer(name, gguf_file=config.small.gguf_file if config.small_tokenizer is None else None)

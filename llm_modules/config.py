@@ -7,6 +7,7 @@ rebuilt from that file alone.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -315,3 +316,46 @@ def _build_fields(cls: type, d: dict, prefix: str, problems: list[str]) -> dict:
         if k in names:
             out[k] = _check_value(v, hints[k], prefix + k, problems)
     return out
+
+
+# ---- config + dotted overrides --------------------------------------------------------------------------------
+def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
+    """["--train.lr_bridge", "1e-4", ...] -> [("train.lr_bridge", 1e-4)]; values are read as YAML scalars."""
+    out, i = [], 0
+    while i < len(pairs):
+        key = pairs[i]
+        if not key.startswith("--") or len(key) < 3:
+            raise UserError(f"unrecognized argument {key!r}; overrides look like --section.key VALUE "
+                            "(e.g. --train.lr_bridge 1e-4) or --key VALUE for a top-level key (e.g. --coupling none)")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(pairs):
+                raise UserError(f"override {key} needs a value")
+            raw, i = pairs[i + 1], i + 2
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; a number is what is meant
+        out.append((key[2:], value))
+    return out
+
+
+def load_config(path: str, overrides: list[tuple[str, object]] = (), **train: object) -> "LLMModulesConfig":
+    """A YAML config with dotted overrides applied and the non-None `train` fields set."""
+    d = load_yaml(path)
+    for key, value in overrides:
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override --{key}: {p} is not a section")
+        node[leaf] = value
+    for k, v in train.items():
+        if v is not None:
+            d.setdefault("train", {})[k] = v
+    return LLMModulesConfig.from_dict(d, where=path)

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 
-from .config import DataConfig
+from .config import DataConfig, LLMModulesConfig
 from .errors import UserError
 from .prompts import TemplateRejected, encode_prompt, encode_segments, render_training, with_system_prompt
 from .reasoning_tasks import reasoning_gym_items
@@ -452,3 +452,17 @@ class LengthGroupedBatches:
     def iter_from(self, epoch: int, k: int) -> Iterator[list[int]]:
         """The batches of `epoch` after its first `k` (resume mid-epoch exactly)."""
         return iter(self.batches(epoch)[k:])
+
+
+def load_data(cfg: LLMModulesConfig, tokenizer=None, text_tokenizer=None, log=print) -> tuple[DataBundle, object]:
+    """The tokenized data and the large model's tokenizer (coupling "prompt": the text in the small model's
+    tokenizer `text_tokenizer`, the prompt memory in the large one's); tokenizers not given come from the config."""
+    from .backbones import load_model_tokenizer, load_small_tokenizer
+
+    tokenizer = load_model_tokenizer(cfg) if tokenizer is None else tokenizer
+    if tokenizer is None:
+        raise UserError("training needs a tokenizer: set `tokenizer` (e.g. byte-level) or name the large model")
+    if cfg.coupling == "prompt":
+        text_tokenizer = load_small_tokenizer(cfg) if text_tokenizer is None else text_tokenizer
+        return build_datasets(cfg.data, text_tokenizer, log=log, memory_tokenizer=tokenizer), tokenizer
+    return build_datasets(cfg.data, tokenizer, log=log), tokenizer

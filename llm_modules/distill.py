@@ -19,21 +19,13 @@ from .errors import UserError
 
 def load_teacher_head(cfg) -> torch.Tensor:
     """(V_large, D_L) weight of the large model's own LM head (its tied embeddings when the head is tied)."""
-    from .backbones import load_backbone, resolve_path
-    from .model import INLINE_LARGE_SEED
+    from .backbones import load_causal_lm, resolve_path
 
     if cfg.large.layer != -1:
         raise UserError("train.distill_weight needs large.layer: -1 (the teacher's head reads its last hidden state)")
-    if cfg.large.name_or_path is None:  # an inline random large model: rebuild it (tiny) to read its head
-        from transformers import AutoModelForCausalLM
-
-        from .backbones import load_config, seeded
-
-        with seeded(INLINE_LARGE_SEED):
-            full = AutoModelForCausalLM.from_config(load_config(cfg.large, "large"))
-        base = load_backbone(cfg.large, pretrained=True, seed=INLINE_LARGE_SEED, where="large")
-        full.base_model.load_state_dict(base.state_dict())  # the same body the combined model sees
-        return full.get_output_embeddings().weight.detach().float()
+    if cfg.large.name_or_path is None:  # an inline random large model: rebuilt (tiny), the same one training sees
+        return load_causal_lm(cfg.large, "large").get_output_embeddings().weight.detach().float()
+    # A named model: only the head matrix is read from its files, not the whole 0.5B-1.5B model.
     d = Path(resolve_path(cfg.large))
     files = sorted(d.glob("*.safetensors")) if d.is_dir() else []
     for name in ("lm_head.weight", "model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight"):

@@ -147,8 +147,7 @@ def _check_args(method: str, base: str, target_params, rank, lr, alpha) -> None:
 
 def load_base(cfg: LLMModulesConfig, base: str):
     """(Hugging Face causal LM with its own head, its tokenizer) for base "large" or "small"."""
-    from .backbones import load_causal_lm
-    from .model import load_model_tokenizer, load_small_tokenizer
+    from .backbones import load_causal_lm, load_model_tokenizer, load_small_tokenizer
 
     if base == "small":
         if cfg.small.name_or_path is None or not cfg.small.pretrained:

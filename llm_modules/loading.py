@@ -24,6 +24,20 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     raise UserError(f"--checkpoint {path}: no checkpoint there (expected {CONFIG_NAME}, best/ or checkpoints/)")
 
 
+def load_for_generation(checkpoint: Union[str, Path]):
+    """An LLMModules checkpoint to generate with in this process only: frozen whole, so split_rows stores every wide
+    weight column-major once (the trainable ones included), instead of stream copying them for each answer
+    (row_split.py)."""
+    from .model import LLMModules
+    from .row_split import split_rows
+
+    model = LLMModules.from_pretrained(resolve_checkpoint(checkpoint)).eval()
+    split_rows(model.requires_grad_(False))
+    if model.tokenizer is None:
+        raise UserError(f"{checkpoint}: this model has no tokenizer, so it cannot read text prompts")
+    return model
+
+
 def load_for_eval(checkpoint: Union[str, Path], large_only: bool = False):
     """(model, tokenizer, LLMModulesConfig, context length) of a checkpoint: an LLMModules model, a fine-tuned
     baseline (a Hugging Face causal LM), or with `large_only` the checkpoint's large model alone with its own LM head
@@ -32,7 +46,8 @@ def load_for_eval(checkpoint: Union[str, Path], large_only: bool = False):
     from .checkpoint import CONFIG_NAME
     from .config import LLMModulesConfig
     from .finetune import is_finetuned, load_finetuned
-    from .model import LLMModules, load_model_tokenizer
+    from .backbones import load_model_tokenizer
+    from .model import LLMModules
 
     path = Path(checkpoint)
     if not large_only and is_finetuned(path):

@@ -15,12 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import (
+    INLINE_LARGE_SEED,
     drop_token_embeddings,
     freeze,
     hidden_size,
     learned_position_limit,
     load_backbone,
-    load_config,
+    load_hf_config,
+    load_model_tokenizer,
+    load_small_tokenizer,
     seeded,
 )
 from .bridge import Bridge
@@ -33,8 +36,6 @@ from .kv_cache import LLMModulesCache
 
 # The trainable part, by top-level submodule; the optimizer, the checkpoint and the tests use this one definition.
 TRAINABLE = ("bridge", "small", "lm_head")
-# An inline (random) large model depends on its config alone, so any checkpoint naming that config can rebuild it.
-INLINE_LARGE_SEED = 1234
 
 
 @dataclass
@@ -109,7 +110,7 @@ class LLMModules(nn.Module):
         load_large=False skips the large model (training from the feature cache needs only its config)."""
         seed = config.bridge.seed
         if config.coupling == "none" or not load_large:  # never runs the large model: read its config only
-            large, large_config = None, load_config(config.large, "large")
+            large, large_config = None, load_hf_config(config.large, "large")
         else:
             large = load_backbone(config.large, pretrained=True, seed=INLINE_LARGE_SEED, where="large")
             large_config = large.config
@@ -335,35 +336,6 @@ def check_source_layer(layer: int, large_config) -> None:
     n = large_config.num_hidden_layers
     if not (layer == -1 or 0 <= layer <= n):
         raise UserError(f"large.layer: {layer} is out of range; the large model has hidden states 0..{n} (or -1)")
-
-
-def load_model_tokenizer(config: LLMModulesConfig):
-    """The large model's tokenizer (or the configured one); None for an inline random large model without one."""
-    name = config.tokenizer
-    gguf = None
-    if name is None and config.large.name_or_path is not None:
-        from .backbones import resolve_path
-
-        name, gguf = resolve_path(config.large), config.large.gguf_file
-    if name is None:
-        return None
-    from .vocab import load_tokenizer
-
-    return load_tokenizer(name, gguf_file=gguf)
-
-
-def load_small_tokenizer(config: LLMModulesConfig):
-    """coupling: prompt decodes in the small model's own vocabulary."""
-    name = config.small_tokenizer
-    if name is None and config.small.name_or_path is not None:
-        from .backbones import resolve_path
-
-        name = resolve_path(config.small)
-    if name is None:
-        raise UserError("coupling: prompt with an inline small config needs `small_tokenizer` (e.g. byte-level)")
-    from .vocab import load_tokenizer
-
-    return load_tokenizer(name, gguf_file=config.small.gguf_file if config.small_tokenizer is None else None)
 
 
 def resolve_vocab_size(config: LLMModulesConfig, tokenizer, large_vocab: int) -> int:

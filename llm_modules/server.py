@@ -35,7 +35,7 @@ import traceback
 import uuid
 from collections import deque
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Union
 
@@ -572,8 +572,6 @@ def load_engine(checkpoint: Union[str, Path], *, large_only: bool = False, max_b
     """The checkpoint's combined model (frozen whole and laid out for decoding, as `generate` / `chat` load it), or
     with large_only its large model with its own LM head (loaded as the lm-eval model does). The context is the
     smallest learned position table, else data.max_length (the large model alone: its max_position_embeddings)."""
-    import argparse
-
     if large_only:
         from .loading import load_for_eval
         from .row_split import split_rows
@@ -585,9 +583,9 @@ def load_engine(checkpoint: Union[str, Path], *, large_only: bool = False, max_b
                                                                                            None)]
         return Engine(LargeOnly(lm, limit).eval(), tokenizer, context=limit, large_only=True,
                       max_batch_size=max_batch_size, eos_token_ids=[e for e in eos if e is not None])
-    from .__main__ import _load_for_generation
+    from .loading import load_for_generation
 
-    model = _load_for_generation(argparse.Namespace(checkpoint=str(checkpoint)))
+    model = load_for_generation(checkpoint)
     limits = [n for n in model.position_limits.values() if n is not None]
     context = min(limits) if limits else model.config.data.max_length
     return Engine(model, model.tokenizer, context=context, max_batch_size=max_batch_size)

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import LLMModulesConfig
-from .data import DataBundle, LengthGroupedBatches, build_datasets, collate
+from .data import DataBundle, LengthGroupedBatches, collate, load_data
 from .errors import UserError
 from . import features as features_mod
 from . import sharded_state
 from .interrupt import Interrupted, StopRequests, signal_name
-from .model import LLMModules, load_model_tokenizer, load_small_tokenizer
+from .model import LLMModules
 
 
 @dataclass
@@ -85,7 +85,8 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
         log = lambda *a, **k: None  # noqa: E731  (one rank speaks)
     _check_writable(out)
     seed_everything(t.seed)
-    data, tokenizer = load_data(cfg, model, log=log)
+    data, tokenizer = (load_data(cfg, model.large_tokenizer, model.tokenizer, log=log) if model is not None
+                       else load_data(cfg, log=log))
     # The main process fills a missing feature cache while the others wait; they then find it complete and never
     # load the large model (accelerate's collective timeout bounds the wait: build big caches with cache-features).
     with accelerator.main_process_first():
@@ -132,18 +133,6 @@ def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, fused=True)
     except (RuntimeError, TypeError):  # a device without a fused kernel
         return torch.optim.AdamW(groups)
-
-
-def load_data(cfg: LLMModulesConfig, model: Optional[LLMModules] = None, log=print) -> tuple[DataBundle, object]:
-    """The tokenized data and the large model's tokenizer (coupling "prompt": the text in the small model's
-    tokenizer, the prompt memory in the large one's)."""
-    tokenizer = model.large_tokenizer if model is not None else load_model_tokenizer(cfg)
-    if tokenizer is None:
-        raise UserError("training needs a tokenizer: set `tokenizer` (e.g. byte-level) or name the large model")
-    if cfg.coupling == "prompt":
-        text_tok = model.tokenizer if model is not None else load_small_tokenizer(cfg)
-        return build_datasets(cfg.data, text_tok, log=log, memory_tokenizer=tokenizer), tokenizer
-    return build_datasets(cfg.data, tokenizer, log=log), tokenizer
 
 
 def build_model_and_features(cfg, data, tokenizer, model, log):

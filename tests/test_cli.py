@@ -64,12 +64,10 @@ def test_weights_list_and_unknown_name(capsys):
 def test_generation_only_models_store_every_wide_weight_column_major(ckpt):
     """generate / chat never train: the model is frozen whole and its wide weights laid out for decoding once, so
     stream makes no per-answer copies (row_split.py)."""
-    import argparse
-
-    from llm_modules.__main__ import _load_for_generation
+    from llm_modules.loading import load_for_generation
     from llm_modules.row_split import RowSplitLinear, is_column_major, is_wide
 
-    model = _load_for_generation(argparse.Namespace(checkpoint=str(ckpt)))
+    model = load_for_generation(ckpt)
     wide = [m for m in model.modules() if isinstance(m, RowSplitLinear) and is_wide(m)]
     assert wide and all(is_column_major(m.weight) for m in wide)
     assert not any(p.requires_grad for p in model.parameters())

@@ -106,7 +106,7 @@ def test_the_message_names_the_flag_and_a_likely_fix(argv, message, nothing_runs
 
 
 def test_exponent_numbers_in_overrides_are_numbers():
-    from llm_modules.__main__ import parse_overrides
+    from llm_modules.config import parse_overrides
 
     assert parse_overrides(["--train.lr_bridge", "1e-4", "--train.lr_small=2.5E-5", "--data.system_prompt", "e5"]) == [
         ("train.lr_bridge", 1e-4), ("train.lr_small", 2.5e-5), ("data.system_prompt", "e5")]

@@ -236,7 +236,7 @@ def _train_in_process(out: Path, batch: int, max_steps: int, stop_at=None, resum
     import torch
 
     import llm_modules.train as T
-    from llm_modules.__main__ import load_config, parse_overrides
+    from llm_modules.config import load_config, parse_overrides
 
     cfg = load_config(str(REPO / TINY), parse_overrides(COMMON + ["--train.batch_size", str(batch)]),
                       output_dir=str(out), max_steps=max_steps)
@@ -329,7 +329,7 @@ def test_fsdp_two_processes_equal_one_process_with_the_global_batch(fsdp_two_pro
 def _assert_equals_one_process(two: dict, one: dict) -> None:
     from safetensors.torch import load_file
 
-    from llm_modules.__main__ import load_config, parse_overrides
+    from llm_modules.config import load_config, parse_overrides
     from llm_modules.model import LLMModules
 
     ranks = two["ranks"]

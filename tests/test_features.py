@@ -6,7 +6,8 @@ import torch
 
 import llm_modules.backbones as backbones
 import llm_modules.features as features
-from llm_modules.__main__ import load_config, main
+from llm_modules.__main__ import main
+from llm_modules.config import load_config
 from llm_modules.data import build_datasets, collate
 from llm_modules.model import LLMModules
 from llm_modules.train import train

@@ -14,7 +14,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from llm_modules import LLMModules, LLMModulesConfig, UserError  # noqa: E402
-from llm_modules.backbones import load_config  # noqa: E402
+from llm_modules.backbones import load_hf_config  # noqa: E402
 from llm_modules.harness import LLMModulesLM, evaluate_harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def test_small_alone_baseline_and_large_only(tmp_path, checkpoint):
     tiny = LLMModulesConfig.from_yaml(ROOT / "configs" / "tiny-random.yaml")
     LLMModules.from_config(tiny.replace(coupling="none")).save_pretrained(tmp_path / "alone")
     # A large model saved as a Hugging Face directory, loaded by name the way real ones are.
-    hf = AutoModelForCausalLM.from_config(load_config(tiny.large, "large"))
+    hf = AutoModelForCausalLM.from_config(load_hf_config(tiny.large, "large"))
     hf.save_pretrained(tmp_path / "hf-large")
     named = tiny.replace(large={"name_or_path": str(tmp_path / "hf-large"), "config": None})
     LLMModules.from_config(named).save_pretrained(tmp_path / "named")

@@ -170,7 +170,7 @@ def test_a_second_signal_while_saving_is_ignored_and_the_checkpoint_is_complete(
 def test_library_callers_keep_their_handlers_and_an_interruption_is_an_exception(tmp_path, data, monkeypatch):
     """train() outside the CLI: the handlers exist only while the loop runs; the interruption is raised as
     Interrupted (a KeyboardInterrupt) carrying the exit status and the message."""
-    from llm_modules.__main__ import load_config
+    from llm_modules.config import load_config
     from llm_modules.interrupt import Interrupted
 
     cfg = load_config(TINY, [("data.path", str(data)), ("train.batch_size", 2), ("train.num_threads", 1)],

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_modules.__main__ import load_config, main
+from llm_modules.__main__ import main
+from llm_modules.config import load_config
 from llm_modules.train import train
 
 TINY = "configs/tiny-random.yaml"
