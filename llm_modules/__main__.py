@@ -137,16 +137,16 @@ def cmd_demo(args, extra) -> int:
 
 def cmd_cache_features(args, extra) -> int:
     from . import features
-    from .model import LLMModules
+    from .backbones import load_frozen_large
     from .data import load_data
 
     cfg = load_config(args.config, parse_overrides(extra))
-    if cfg.coupling == "none":
-        raise UserError("coupling: 'none' never runs the large model; there is nothing to cache")
-    data, tokenizer = load_data(cfg)
+    if cfg.coupling == "none" and cfg.train.distill_weight == 0:
+        raise UserError("coupling: 'none' without distillation never reads the large model; there is nothing to cache")
+    data, _ = load_data(cfg)
     found = features.available(cfg, data)
     if found is None:
-        found = features.prepare(LLMModules.from_config(cfg, tokenizer=tokenizer), cfg, data)
+        found = features.prepare(load_frozen_large(cfg.large), cfg, data)
     for split, f in found.items():
         print(f"{split}: {f.num_examples} examples in {f.directory}")
     return 0

@@ -133,6 +133,19 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def load_frozen_large(spec: ModelSpec) -> PreTrainedModel:
+    """The frozen large backbone (no LM head) the combined model and the feature cache read."""
+    return freeze(load_backbone(spec, pretrained=True, seed=INLINE_LARGE_SEED, where="large"))
+
+
+def hidden_states_at(large: nn.Module, layer: int, input_ids, attention_mask, position_ids, cache=None):
+    """The large model's hidden states (B, T, D_L) at `layer` (-1: the last, after the final norm); its LM head is
+    never run."""
+    out = large(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                use_cache=cache is not None, output_hidden_states=layer != -1)
+    return out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+
+
 # ---- tokenizers ------------------------------------------------------------------------------------------------
 def load_model_tokenizer(config: LLMModulesConfig):
     """The large model's tokenizer (or the configured one); None for an inline random large model without one."""

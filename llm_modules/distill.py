@@ -8,6 +8,7 @@ matrix is loaded, read straight from the checkpoint file.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,20 @@ def load_teacher_head(cfg) -> torch.Tensor:
                     return h.get_tensor(name).float()
     raise UserError(f"large.name_or_path {cfg.large.name_or_path}: no LM head weights found in safetensors files "
                     "(distillation reads the teacher's head from a local checkpoint directory)")
+
+
+@dataclass
+class Distill:
+    """The distillation objective over a batch: (1 - weight) * CE + weight * T^2 * KL(teacher || student), summed
+    over target tokens; the teacher's logits are its own head over the cached states of the whole sequence."""
+
+    head: torch.Tensor  # (V_large, D_L)
+    weight: float
+    temperature: float
+
+    def __call__(self, out, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        kd = kd_loss_sum(out.target_logits, target_states(states, labels), self.head, self.temperature)
+        return (1 - self.weight) * out.loss_sum + self.weight * kd
 
 
 def kd_loss_sum(student_logits: torch.Tensor, teacher_states: torch.Tensor, head: torch.Tensor,

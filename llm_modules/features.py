@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from .backbones import hidden_size, hidden_states_at
 from .checkpoint import atomic_write_json, save_tensors
 from .errors import UserError
 from .interrupt import Interrupted, StopRequests, signal_name
@@ -114,17 +115,15 @@ def open_split(cfg, examples, split: str) -> Optional[SplitFeatures]:
     return SplitFeatures(d, meta["num_examples"])
 
 
-def build_split(model, cfg, examples, split: str, *, batch_tokens: int = 4096, log=print) -> SplitFeatures:
-    """Run the large model once over `examples` and store their states (resumes a partial build)."""
+def build_split(large, cfg, examples, split: str, *, batch_tokens: int = 4096, log=print) -> SplitFeatures:
+    """Run the frozen large backbone once over `examples` and store its states at large.layer (resumes a partial
+    build)."""
     storage = cfg.train.feature_dtype
     root = cache_root(cfg)
     d = _split_dir(root, cfg, examples, storage, split)
     if is_complete(d):
         return SplitFeatures(d, len(examples))
-    if model.large is None:
-        raise UserError("the feature cache is incomplete and the large model is not loaded; build it first "
-                        "with `llm-modules cache-features --config ...`")
-    width = model.bridge.pre_proj.in_features
+    width = hidden_size(large.config)
     tokens = sum(len(large_ids(e)) for e in examples)
     need = tokens * width * DTYPES[storage].itemsize
     d.mkdir(parents=True, exist_ok=True)
@@ -145,8 +144,8 @@ def build_split(model, cfg, examples, split: str, *, batch_tokens: int = 4096, l
             if s in done:
                 continue
             first = s * SHARD_EXAMPLES
-            shard = _compute(model, examples[first:first + SHARD_EXAMPLES], first, batch_tokens, DTYPES[storage], bar,
-                             stops)
+            shard = _compute(large, cfg.large.layer, examples[first:first + SHARD_EXAMPLES], first, batch_tokens,
+                             DTYPES[storage], bar, stops)
             if shard is None:  # a signal: the shard is dropped, nothing of it is on disk
                 break
             save_tensors(d / f"shard-{s:05d}.safetensors", shard)  # atomic: complete or absent
@@ -166,7 +165,7 @@ def build_split(model, cfg, examples, split: str, *, batch_tokens: int = 4096, l
 
 
 @torch.no_grad()
-def _compute(model, examples, first: int, batch_tokens: int, dtype, bar,
+def _compute(large, layer: int, examples, first: int, batch_tokens: int, dtype, bar,
              stops: Optional[StopRequests] = None) -> Optional[dict[str, torch.Tensor]]:
     """States of one shard's examples, batched by length; None as soon as `stops` records a signal."""
     from .model import positions_from_mask
@@ -191,7 +190,7 @@ def _compute(model, examples, first: int, batch_tokens: int, dtype, bar,
         for b, j in enumerate(group):
             n = len(seqs[j])
             ids[b, :n], mask[b, :n] = torch.tensor(seqs[j]), 1
-        states = model.source_states(ids, mask, positions_from_mask(mask))  # (B, T, D_L)
+        states = hidden_states_at(large, layer, ids, mask, positions_from_mask(mask))  # (B, T, D_L)
         for b, j in enumerate(group):
             n = len(seqs[j])
             out[str(first + j)] = states[b, :n].to(dtype).clone()
@@ -200,9 +199,9 @@ def _compute(model, examples, first: int, batch_tokens: int, dtype, bar,
     return out
 
 
-def prepare(model, cfg, data, log=print) -> dict[str, SplitFeatures]:
-    """Build (or find) the cache for the train and val splits."""
-    return {split: build_split(model, cfg, getattr(data, split), split, log=log)
+def prepare(large, cfg, data, log=print) -> dict[str, SplitFeatures]:
+    """Build (or find) the cache for the train and val splits with the frozen large backbone `large`."""
+    return {split: build_split(large, cfg, getattr(data, split), split, log=log)
             for split in ("train", "val") if getattr(data, split)}
 
 

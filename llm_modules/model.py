@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import (
-    INLINE_LARGE_SEED,
     drop_token_embeddings,
     freeze,
     hidden_size,
+    hidden_states_at,
     learned_position_limit,
     load_backbone,
+    load_frozen_large,
     load_hf_config,
     load_model_tokenizer,
     load_small_tokenizer,
@@ -112,7 +113,7 @@ class LLMModules(nn.Module):
         if config.coupling == "none" or not load_large:  # never runs the large model: read its config only
             large, large_config = None, load_hf_config(config.large, "large")
         else:
-            large = load_backbone(config.large, pretrained=True, seed=INLINE_LARGE_SEED, where="large")
+            large = load_frozen_large(config.large)
             large_config = large.config
         prompt = config.coupling == "prompt"
         small = load_backbone(config.small, pretrained=config.small.pretrained, seed=seed + 2, where="small",
@@ -161,16 +162,7 @@ class LLMModules(nn.Module):
         """The large model's hidden states (B, T, D_L) at the configured layer; its LM head is never run."""
         if self.large is None:
             raise RuntimeError("this model was built without its large model (load_large=False): pass source_states")
-        layer = self.config.large.layer
-        out = self.large(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=cache is not None,
-            output_hidden_states=layer != -1,
-        )
-        return out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        return hidden_states_at(self.large, self.config.large.layer, input_ids, attention_mask, position_ids, cache)
 
     def forward(
         self,

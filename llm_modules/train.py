@@ -22,8 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .backbones import load_frozen_large
 from .config import LLMModulesConfig
 from .data import DataBundle, LengthGroupedBatches, collate, load_data
+from .distill import Distill, load_teacher_head
 from .errors import UserError
 from . import features as features_mod
 from . import sharded_state
@@ -57,7 +59,7 @@ class Run:
     data: DataBundle
     batches: LengthGroupedBatches
     features: Optional[dict] = None  # split -> features.SplitFeatures when training from the feature cache
-    teacher_head: Optional[torch.Tensor] = None  # (V_large, D_L), distillation only
+    objective: Optional[Distill] = None  # the training loss when it is not plain cross-entropy
     progress: Progress = field(default_factory=Progress)
     max_steps: int = 0
     log: object = print
@@ -76,6 +78,9 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     t = cfg.train
+    if t.distill_weight > 0 and (t.feature_cache != "auto" or cfg.coupling == "prompt"):
+        raise UserError("train.distill_weight: distillation reads the large model's states of the whole sequence "
+                        "from the feature cache: set train.feature_cache: auto (coupling: none or stream)")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     out = Path(t.output_dir)
@@ -113,9 +118,7 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
               log=log)
     run.progress.global_batch = global_batch
     if t.distill_weight > 0:
-        from .distill import load_teacher_head
-
-        run.teacher_head = load_teacher_head(cfg).to(accelerator.device)
+        run.objective = Distill(load_teacher_head(cfg).to(accelerator.device), t.distill_weight, t.distill_temperature)
     if t.tensorboard:
         accelerator.init_trackers("llm-modules")
     if resume:
@@ -136,25 +139,20 @@ def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
 
 
 def build_model_and_features(cfg, data, tokenizer, model, log):
-    """With train.feature_cache: auto, the large model runs once to fill the cache (or not at all if the cache is
-    complete) and is then released: training reads its states from disk."""
-    distill = cfg.train.distill_weight > 0  # the teacher reads the cached states of the whole sequence
-    if distill and cfg.coupling == "prompt":
-        raise UserError("train.distill_weight: distillation is the small-alone baseline (coupling: none or stream)")
-    if not distill and (cfg.train.feature_cache != "auto" or cfg.coupling == "none"):
+    """The model, and with train.feature_cache: auto the large model's states read from disk: a missing cache is
+    filled once by the frozen large backbone, which is then released (the model is built without it). No cache
+    when nothing reads those states (the small model alone, without distillation) or with feature_cache: off."""
+    reads_states = cfg.coupling != "none" or cfg.train.distill_weight > 0
+    if cfg.train.feature_cache != "auto" or not reads_states:
         return model or LLMModules.from_config(cfg, tokenizer=tokenizer), None
     found = features_mod.available(cfg, data)
-    if found is not None:
+    if found is None:
+        large = model.large if model is not None and model.large is not None else load_frozen_large(cfg.large)
+        found = features_mod.prepare(large, cfg, data, log=log)
+        del large
+    else:
         log("feature cache complete: the large model is not loaded")
-        return model or LLMModules.from_config(cfg, tokenizer=tokenizer, load_large=False), found
-    if cfg.coupling == "none":  # the baseline never holds the large model: a stream model fills the cache
-        found = features_mod.prepare(LLMModules.from_config(cfg.replace(coupling="stream"), tokenizer=tokenizer),
-                                     cfg, data, log=log)
-        return model or LLMModules.from_config(cfg, tokenizer=tokenizer), found
-    model = model or LLMModules.from_config(cfg, tokenizer=tokenizer)
-    found = features_mod.prepare(model, cfg, data, log=log)
-    model.large = None  # frees its memory; nothing reads it from here on
-    return model, found
+    return model or LLMModules.from_config(cfg, tokenizer=tokenizer, load_large=False), found
 
 
 def _check_writable(out: Path) -> None:
@@ -321,7 +319,7 @@ def train_step(run: Run, global_batches: list[list[int]], pad: int) -> tuple[Opt
         # A short last batch may leave this rank nothing; it still joins the backward (DDP) with zero weight.
         weight = 1.0 if mine else 0.0
         with acc.accumulate(run.model):
-            loss_sum = _loss_sum(run, "train", mine or indices[:1], pad, distill=True) * weight
+            loss_sum = _loss_sum(run, "train", mine or indices[:1], pad, training=True) * weight
             # accelerate divides by grad_accum and DDP averages over ranks: undo both to get sum / n_step.
             try:
                 acc.backward(loss_sum / max(1, n_step) * world * t.grad_accum)
@@ -347,10 +345,10 @@ def _targets(example) -> int:
     return sum(1 for x in example.labels[1:] if x != -100)
 
 
-def _loss_sum(run: Run, split: str, indices: list[int], pad: int, distill: bool = False) -> torch.Tensor:
+def _loss_sum(run: Run, split: str, indices: list[int], pad: int, training: bool = False) -> torch.Tensor:
     """Summed next-token loss of examples `indices` of `split` (source states from the cache when there is one);
-    distill=True mixes in the KL to the teacher when distillation is configured (training only: validation
-    loss stays plain cross-entropy, comparable across arms)."""
+    training=True applies the run's objective (distillation mixes in the KL to the teacher; validation loss stays
+    plain cross-entropy, comparable across arms)."""
     dev = run.accelerator.device
     batch = {k: v.to(dev) for k, v in collate([getattr(run.data, split)[i] for i in indices], pad).items()}
     memory = {k: batch[k] for k in ("memory_ids", "memory_mask") if k in batch}
@@ -361,13 +359,7 @@ def _loss_sum(run: Run, split: str, indices: list[int], pad: int, distill: bool 
     try:
         out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"],
                         source_states=source if run.cfg.coupling != "none" else None, return_logits=False, **memory)
-        if not (distill and run.teacher_head is not None):
-            return out.loss_sum
-        from .distill import kd_loss_sum, target_states
-
-        w, T = run.cfg.train.distill_weight, run.cfg.train.distill_temperature
-        kd = kd_loss_sum(out.target_logits, target_states(source, batch["labels"]), run.teacher_head, T)
-        return (1 - w) * out.loss_sum + w * kd
+        return run.objective(out, source, batch["labels"]) if training and run.objective else out.loss_sum
     except torch.OutOfMemoryError:
         raise _out_of_memory(*batch["input_ids"].shape) from None
 

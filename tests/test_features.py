@@ -26,7 +26,7 @@ def _setup(tmp_path, *over):
 @pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("bfloat16", 2e-2)])
 def test_cached_loss_equals_live_loss(tmp_path, dtype, tol):
     cfg, model, data = _setup(tmp_path, ("train.feature_dtype", dtype))
-    cache = features.prepare(model, cfg, data, log=lambda *a: None)
+    cache = features.prepare(model.large, cfg, data, log=lambda *a: None)
     idx = [0, 3, 5, 7]
     batch = collate([data.train[i] for i in idx], model.tokenizer.pad_token_id)
     live = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
@@ -58,7 +58,7 @@ def test_training_from_cache_never_loads_the_large_model(tmp_path, monkeypatch, 
 
 def test_any_change_gives_another_cache(tmp_path):
     cfg, model, data = _setup(tmp_path)
-    base = features.prepare(model, cfg, data, log=lambda *a: None)["train"].directory
+    base = features.prepare(model.large, cfg, data, log=lambda *a: None)["train"].directory
     cfg2, model2, data2 = _setup(tmp_path, ("data.system_prompt", "Be brief."))  # formatting changes the ids
     assert features.available(cfg2, data2) is None
     cfg3, model3, data3 = _setup(tmp_path, ("large.layer", 1))  # another tapped layer
@@ -83,14 +83,14 @@ def test_interrupted_build_resumes_and_never_reads_half_shards(tmp_path, monkeyp
 
     monkeypatch.setattr(features, "save_tensors", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        features.build_split(model, cfg, data.train, "train", log=lambda *a: None)
+        features.build_split(model.large, cfg, data.train, "train", log=lambda *a: None)
     assert features.available(cfg, data) is None  # incomplete: not used
     computed = []
     real_compute = features._compute
-    monkeypatch.setattr(features, "_compute", lambda m, ex, first, *a: computed.append(first) or real_compute(
-        m, ex, first, *a))
+    monkeypatch.setattr(features, "_compute", lambda m, layer, ex, first, *a: computed.append(first) or real_compute(
+        m, layer, ex, first, *a))
     monkeypatch.setattr(features, "save_tensors", real_save)
-    split = features.build_split(model, cfg, data.train, "train", log=lambda *a: None)
+    split = features.build_split(model.large, cfg, data.train, "train", log=lambda *a: None)
     assert computed[0] == 16 and 0 not in computed and 8 not in computed  # shards 0 and 1 were kept
     assert all(split.get(i).shape[0] == len(data.train[i].input_ids) for i in range(len(data.train)))
 
@@ -99,7 +99,7 @@ def test_too_little_disk_stops_before_any_work(tmp_path, monkeypatch):
     cfg, model, data = _setup(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 100))
     with pytest.raises(features.UserError, match="needs .* GiB but .* free"):
-        features.build_split(model, cfg, data.train, "train", log=lambda *a: None)
+        features.build_split(model.large, cfg, data.train, "train", log=lambda *a: None)
     assert not list((tmp_path / "fc").rglob("shard-*"))
 
 

@@ -278,20 +278,20 @@ def test_feature_cache_build_stops_on_a_signal_and_resumes_without_redoing_shard
     computed, armed, fired, real_compute, real_save = [], [], [], features._compute, features.save_tensors
     sig = signal.SIGTERM if where == "after a shard" else signal.SIGINT
 
-    def compute(model, examples, first, batch_tokens, *rest):
+    def compute(large, layer, examples, first, batch_tokens, *rest):
         computed.append(first)
         if where == "inside a shard" and first == 16 and armed and not fired:
-            forward = model.source_states
+            forward = large.forward
 
-            def source_states(*args, **kwargs):  # the signal arrives while the large model runs on shard 2
+            def signalling_forward(*args, **kwargs):  # the signal arrives while the large model runs on shard 2
                 if not fired:
                     os.kill(os.getpid(), sig)
                     fired.append(sig)
                 return forward(*args, **kwargs)
 
-            model.source_states = source_states  # this model instance only (each command builds its own)
+            large.forward = signalling_forward  # this model instance only (each command builds its own)
         # Batches of one example: a shard takes several calls of the large model, so a signal can land inside one.
-        return real_compute(model, examples, first, 64, *rest)
+        return real_compute(large, layer, examples, first, 64, *rest)
 
     def save(path, tensors, metadata=None):
         real_save(path, tensors, metadata)
