@@ -44,10 +44,9 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402  (threads are set before llm_modules / transformers do any work)
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # `common` beside this script; this checkout's llm_modules
+from common import (  # noqa: E402  (threads are set before llm_modules / transformers do any work)
     Meter,
     clock,
     describe_machine,

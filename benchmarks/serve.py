@@ -32,10 +32,9 @@ import urllib.request
 from datetime import date
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import describe_machine, load_average, log, machine, set_threads, table, write_json  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # `common` beside this script; this checkout's llm_modules
+from common import describe_machine, load_average, log, machine, set_threads, table, write_json  # noqa: E402
 
 
 def free_port() -> int:
