@@ -56,6 +56,7 @@ from common import (  # noqa: E402  (threads are set before llm_modules / transf
     median,
     set_threads,
     table,
+    time_stream,
     wait_quiet,
     write_json,
 )
@@ -128,21 +129,6 @@ def others(runs: list[dict]) -> list:
 
 
 # ---- 1. cached decoding of the combined model -------------------------------------------------------------------
-def time_stream(model, ids, n: int, use_cache: bool) -> tuple[list[float], list[int]]:
-    """Seconds of each step of `stream` (step 0 includes the prefill when cached) and the tokens."""
-    from llm_modules.generate import SamplingConfig, stream
-
-    times, tokens = [], []
-    it = stream(model, ids, None, SamplingConfig(max_new_tokens=n), use_cache=use_cache, eos_token_id=None)
-    t0 = clock()
-    for step in it:
-        t1 = clock()
-        times.append(t1 - t0)
-        tokens.append(int(step.tokens[0]))
-        t0 = clock()
-    return times, tokens
-
-
 def bench_cached(model, ids, n: int, repeats: int, instrument: bool) -> dict:
     time_stream(model, ids, min(n, 8), True)  # warm-up
     runs = []
