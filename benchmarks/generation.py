@@ -668,12 +668,6 @@ def report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--couplings" in argv:  # the stream vs prompt coupling comparison (issue 8) lives in couplings.py
-        import couplings
-
-        sys.argv = [couplings.__file__] + [x for x in argv if x != "--couplings"]
-        return couplings.main()
     a = parse_args(argv)
     threads = set_threads(a.threads)
     QUIET.update(threshold=a.quiet, timeout=a.quiet_timeout)
