@@ -110,9 +110,17 @@ def step_stats(decode_s: list[float]) -> dict:
     return {"median_s": median(decode_s), "mean_s": sum(decode_s) / len(decode_s)}
 
 
-def best(runs: list[dict], key: str) -> float:
-    """The figure reported for a phase: the lowest over its repeats (the least disturbed run); all are in the JSON."""
-    return min(r[key] for r in runs)
+def best_of(runs: list[dict], keys) -> dict:
+    """The figures reported for a phase: each the lowest over its repeats (the least disturbed run); all are in the
+    JSON. keys: names, or {reported name: name in a run}."""
+    pairs = keys.items() if isinstance(keys, dict) else [(k, k) for k in keys]
+    return {name: min(r[k] for r in runs) for name, k in pairs}
+
+
+# a decoding phase's reported figures: {reported name: name in a run}
+DECODE_FIGURES = {"prefill_s": "prefill_s", "decode_median_s": "median_s", "decode_mean_s": "mean_s",
+                  "total_s": "total_s"}
+
 
 
 QUIET = {"threshold": 0.2, "timeout": 60.0}
@@ -146,10 +154,7 @@ def bench_cached(model, ids, n: int, repeats: int, instrument: bool) -> dict:
         "runs": runs,
         "tokens": runs[0]["tokens"],
         "tokens_identical_across_repeats": same,
-        "prefill_s": best(runs, "prefill_s"),
-        "decode_median_s": best(runs, "median_s"),
-        "decode_mean_s": best(runs, "mean_s"),
-        "total_s": best(runs, "total_s"),
+        **best_of(runs, DECODE_FIGURES),
         "others_busy": others(runs),
         # the instrumented breakdown of the run with the lowest median decode step
         "breakdown_s": min(runs, key=lambda r: r["median_s"])["breakdown_s"],
@@ -367,10 +372,7 @@ def bench_large_alone(model, cfg, ids, n: int, repeats: int) -> dict:
         "model": source,
         "generation": f"greedy, max_new_tokens = min_new_tokens = {n}, eos {eos}, use_cache=True (DynamicCache)",
         "runs": runs,
-        "prefill_s": best(runs, "prefill_s"),
-        "decode_median_s": best(runs, "median_s"),
-        "decode_mean_s": best(runs, "mean_s"),
-        "total_s": best(runs, "total_s"),
+        **best_of(runs, DECODE_FIGURES),
         "others_busy": others(runs),
     }
 
@@ -436,8 +438,8 @@ def bench_floor(model, prompt, tokens: list[int], n: int, steps: int, repeats: i
                 + f"; others busy {m.result['others_busy']}")
     out = {}
     for C in contexts:
-        v = {k: min(r["by_context"][str(C)][k] for r in runs) for k in ("large", "small", "head", "combined")}
         rs = [r["by_context"][str(C)] for r in runs]
+        v = best_of(rs, ("large", "small", "head", "combined"))
         out[C] = {"large_s": v["large"], "small_s": v["small"], "head_s": v["head"],
                   "floor_s": v["large"] + v["small"] + v["head"], "combined_step_s": v["combined"],
                   # per repeat: combined / (large + small + head), all measured interleaved; median over repeats
