@@ -297,10 +297,8 @@ def generation(env: Env, model, sizes: dict, args, vocab: int) -> dict:
                     f"{len(rdecode)} steps (contexts {P + 1}..{P + len(rdecode)})"}
 
 
-def run(args) -> dict:
-    import torch
-
-    device = torch.device(args.device)
+def apply_defaults(args) -> dict:
+    """The sizes (paper or smoke, with the flags that override them); fills the smoke-dependent defaults in args."""
     sizes = dict(SMOKE if args.smoke else PAPER)
     for key, attr in (("seq_len", "seq_len"), ("prompt_tokens", "prompt_tokens"), ("new_tokens", "new_tokens"),
                       ("recompute_new_tokens", "recompute_new_tokens")):
@@ -309,6 +307,46 @@ def run(args) -> dict:
     args.steps = args.steps or (1 if args.smoke else 5)
     args.warmup = min(args.warmup, 1) if args.smoke else args.warmup
     args.gen_dtype = args.gen_dtype or ("float32" if args.smoke else "bfloat16")
+    return sizes
+
+
+def train_arms(env: Env, model, args, result: dict, start: float) -> None:
+    """The four training arms (live / cached features x checkpointing off / on) into result["train"]; an arm not
+    started within --time-budget s of `start` goes to result["skipped"]."""
+    torch = env.torch
+    T, Bt, peak = result["sizes"]["seq_len"], result["sizes"]["batch"], result["peak_tflops"]
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, result["sizes"]["vocab"], (Bt, T), generator=gen).to(env.device)
+    mask = torch.ones_like(ids)
+    params = [p for _, p in model.trainable_named_parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    with torch.no_grad():
+        from llm_modules.model import positions_from_mask
+
+        source = model.source_states(ids, mask, positions_from_mask(mask))  # (B, T, D_L), bf16
+    for features in ("live", "cached"):
+        for checkpointing in (False, True):
+            name = f"{features} features, gradient checkpointing {'on' if checkpointing else 'off'}"
+            if time.perf_counter() - start > args.time_budget:
+                result["skipped"].append(name)
+                continue
+            log(f"train: {name} ...")
+            arm = train_arm(env, model, opt, ids, mask, None if features == "live" else source,
+                            args.steps, args.warmup, checkpointing)
+            arm.update(features=features, gradient_checkpointing=checkpointing,
+                       flops_per_step=result["flops"][features]["total"])
+            if "step_s" in arm:
+                arm["achieved_tflops"] = arm["flops_per_step"] / arm["step_s"] / 1e12
+                arm["mfu"] = arm["achieved_tflops"] / peak if peak else None
+            result["train"].append(arm)
+    opt.zero_grad(set_to_none=True)
+
+
+def run(args) -> dict:
+    import torch
+
+    device = torch.device(args.device)
+    sizes = apply_defaults(args)
     env = Env(torch, device)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -342,32 +380,7 @@ def run(args) -> dict:
     log(f"trainable {trainable / 1e6:.1f}M, frozen large {frozen / 1e6:.1f}M parameters; vocab {vocab}; "
         f"peak {peak} TFLOP/s ({peak_source})")
 
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, vocab, (Bt, T), generator=gen).to(device)
-    mask = torch.ones_like(ids)
-    params = [p for _, p in model.trainable_named_parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
-    with torch.no_grad():
-        from llm_modules.model import positions_from_mask
-
-        source = model.source_states(ids, mask, positions_from_mask(mask))  # (B, T, D_L), bf16
-    for features in ("live", "cached"):
-        for checkpointing in (False, True):
-            name = f"{features} features, gradient checkpointing {'on' if checkpointing else 'off'}"
-            if time.perf_counter() - start > args.time_budget:
-                result["skipped"].append(name)
-                continue
-            log(f"train: {name} ...")
-            arm = train_arm(env, model, opt, ids, mask, None if features == "live" else source,
-                            args.steps, args.warmup, checkpointing)
-            arm.update(features=features, gradient_checkpointing=checkpointing,
-                       flops_per_step=result["flops"][features]["total"])
-            if "step_s" in arm:
-                arm["achieved_tflops"] = arm["flops_per_step"] / arm["step_s"] / 1e12
-                arm["mfu"] = arm["achieved_tflops"] / peak if peak else None
-            result["train"].append(arm)
-    opt.zero_grad(set_to_none=True)
-    del source, opt
+    train_arms(env, model, args, result, start)
     if time.perf_counter() - start > args.time_budget:
         result["skipped"].append("generation")
     else:
