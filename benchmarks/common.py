@@ -1,7 +1,7 @@
 """Shared helpers for the benchmark scripts: thread setting, machine description, timing, output.
 
-Only the standard library and torch; nothing here imports `llm_modules`, so every benchmark can import it first
-(before the package pulls in transformers) and set threads before any work starts.
+Only the standard library and torch at import time; `llm_modules` is imported only inside `time_stream`, so every
+benchmark can import this first (before the package pulls in transformers) and set threads before any work starts.
 """
 from __future__ import annotations
 
@@ -140,6 +140,28 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[f
         fn()
         out.append(clock() - t0)
     return out
+
+
+def time_stream(model, ids, n: int, use_cache: bool = True, sync: Optional[Callable[[], object]] = None,
+                **kw) -> tuple[list[float], list[int]]:
+    """Seconds of each step of `llm_modules.generate.stream` over `ids` for n new tokens (greedy, no eos: all n are
+    made) and the tokens of row 0. Step 0 runs from the first request to the first token (the prefill, when
+    cached); the reading of each token is outside the clock. sync (e.g. torch.cuda.synchronize) is called before
+    the clock starts and at the end of every step, so that a device's queued work counts in its own step. kw goes
+    to `stream` (e.g. model_kwargs)."""
+    from llm_modules.generate import SamplingConfig, stream
+
+    sync = sync or (lambda: None)
+    times, tokens = [], []
+    it = stream(model, ids, None, SamplingConfig(max_new_tokens=n), use_cache=use_cache, eos_token_id=None, **kw)
+    sync()
+    t0 = clock()
+    for step in it:
+        sync()
+        times.append(clock() - t0)
+        tokens.append(int(step.tokens[0]))
+        t0 = clock()
+    return times, tokens
 
 
 # ---- other processes on a shared machine -----------------------------------------------------------------------

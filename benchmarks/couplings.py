@@ -12,29 +12,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, machine, write_json  # noqa: E402
+from common import describe_machine, machine, time_stream, write_json  # noqa: E402
 
 from llm_modules.__main__ import load_config  # noqa: E402
 from llm_modules.backbones import resolve_path  # noqa: E402
-from llm_modules.generate import SamplingConfig, stream  # noqa: E402
 from llm_modules.model import LLMModules  # noqa: E402
 
 
 def timed_decode(model, ids, new_tokens: int, **kw) -> dict:
     """Prefill seconds (to the first token) and decode seconds for the remaining tokens, cached."""
-    t0 = time.perf_counter()
-    times = []
-    for _ in stream(model, ids, None, SamplingConfig(max_new_tokens=new_tokens), **kw):
-        times.append(time.perf_counter())
-    prefill = times[0] - t0
-    decode = times[-1] - times[0]
-    return {"prefill_s": prefill, "decode_s": decode, "decode_tokens": len(times) - 1,
+    times, _ = time_stream(model, ids, new_tokens, **kw)
+    decode = sum(times[1:])
+    return {"prefill_s": times[0], "decode_s": decode, "decode_tokens": len(times) - 1,
             "decode_tokens_per_s": (len(times) - 1) / decode}
 
 

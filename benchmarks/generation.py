@@ -44,10 +44,9 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402  (threads are set before llm_modules / transformers do any work)
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # `common` beside this script; this checkout's llm_modules
+from common import (  # noqa: E402  (threads are set before llm_modules / transformers do any work)
     Meter,
     clock,
     describe_machine,
@@ -57,6 +56,7 @@ from benchmarks.common import (  # noqa: E402  (threads are set before llm_modul
     median,
     set_threads,
     table,
+    time_stream,
     wait_quiet,
     write_json,
 )
@@ -110,9 +110,16 @@ def step_stats(decode_s: list[float]) -> dict:
     return {"median_s": median(decode_s), "mean_s": sum(decode_s) / len(decode_s)}
 
 
-def best(runs: list[dict], key: str) -> float:
-    """The figure reported for a phase: the lowest over its repeats (the least disturbed run); all are in the JSON."""
-    return min(r[key] for r in runs)
+def best_of(runs: list[dict], keys) -> dict:
+    """The figures reported for a phase: each the lowest over its repeats (the least disturbed run); all are in the
+    JSON. keys: names, or {reported name: name in a run}."""
+    pairs = keys.items() if isinstance(keys, dict) else [(k, k) for k in keys]
+    return {name: min(r[k] for r in runs) for name, k in pairs}
+
+
+# a decoding phase's reported figures: {reported name: name in a run}
+DECODE_FIGURES = {"prefill_s": "prefill_s", "decode_median_s": "median_s", "decode_mean_s": "mean_s",
+                  "total_s": "total_s"}
 
 
 QUIET = {"threshold": 0.2, "timeout": 60.0}
@@ -129,21 +136,6 @@ def others(runs: list[dict]) -> list:
 
 
 # ---- 1. cached decoding of the combined model -------------------------------------------------------------------
-def time_stream(model, ids, n: int, use_cache: bool) -> tuple[list[float], list[int]]:
-    """Seconds of each step of `stream` (step 0 includes the prefill when cached) and the tokens."""
-    from llm_modules.generate import SamplingConfig, stream
-
-    times, tokens = [], []
-    it = stream(model, ids, None, SamplingConfig(max_new_tokens=n), use_cache=use_cache, eos_token_id=None)
-    t0 = clock()
-    for step in it:
-        t1 = clock()
-        times.append(t1 - t0)
-        tokens.append(int(step.tokens[0]))
-        t0 = clock()
-    return times, tokens
-
-
 def bench_cached(model, ids, n: int, repeats: int, instrument: bool) -> dict:
     time_stream(model, ids, min(n, 8), True)  # warm-up
     runs = []
@@ -161,10 +153,7 @@ def bench_cached(model, ids, n: int, repeats: int, instrument: bool) -> dict:
         "runs": runs,
         "tokens": runs[0]["tokens"],
         "tokens_identical_across_repeats": same,
-        "prefill_s": best(runs, "prefill_s"),
-        "decode_median_s": best(runs, "median_s"),
-        "decode_mean_s": best(runs, "mean_s"),
-        "total_s": best(runs, "total_s"),
+        **best_of(runs, DECODE_FIGURES),
         "others_busy": others(runs),
         # the instrumented breakdown of the run with the lowest median decode step
         "breakdown_s": min(runs, key=lambda r: r["median_s"])["breakdown_s"],
@@ -189,8 +178,7 @@ class CachedStep:
         cache = model.new_cache()
         with torch.no_grad():
             model(full[:, :C], torch.ones(1, C, dtype=torch.long), cache=cache, logits_to_keep=1)
-        self._large = [(layer.keys, layer.values) for layer in cache.large.layers]
-        self._small = [(layer.keys, layer.values) for layer in cache.small.layers]
+        self._large, self._small = snapshot(cache.large), snapshot(cache.small)
         self._bridge = (list(cache.bridge.keys), list(cache.bridge.values))
         self._cls = LLMModulesCache
 
@@ -209,10 +197,25 @@ class CachedStep:
             return int(self.model(self.tok, self.mask, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1))
 
 
+def snapshot(cache) -> list:
+    """The (keys, values) of each layer of a DynamicCache, to build fresh copies from (`DynamicCache(snapshot)`)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
 def timed_once(fn, arg) -> float:
     t0 = clock()
     fn(arg)
     return clock() - t0
+
+
+def interleaved(fns: dict, steps: int) -> dict:
+    """{name: median seconds of `steps` calls}, for fns = {name: (fn, make)}: the calls interleaved (so all see the
+    same load), each on a fresh argument make() (e.g. a cache holding the same C positions) built outside the clock."""
+    ts = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, (fn, make) in fns.items():
+            ts[k].append(timed_once(fn, make()))
+    return {k: median(v) for k, v in ts.items()}
 
 
 # ---- 2. full recompute (the reference's method) -----------------------------------------------------------------
@@ -238,81 +241,99 @@ class Layouts:
                 column_major(w)
 
 
-def bench_full(model, prompt, tokens: list[int], n: int, repeats: int, mode: str, points: int) -> dict:
+def prefix(prompt, tokens: list[int], k: int):
+    """The input of step k of the reference loop: the prompt + the k tokens generated before it."""
     import torch
 
-    def seq(k: int):  # the input of step k of the reference loop: the prompt + the k tokens generated before it
-        return torch.cat([prompt, torch.tensor([tokens[:k]], dtype=prompt.dtype)], dim=1)
+    return torch.cat([prompt, torch.tensor([tokens[:k]], dtype=prompt.dtype)], dim=1)
 
+
+def bench_full(model, prompt, tokens: list[int], n: int, repeats: int, mode: str, points: int) -> dict:
     time_stream(model, prompt, 1, False)  # warm-up
-    P = prompt.shape[1]
-    paired = None
     if mode == "all":
-        runs = []
-        for r in range(repeats):
-            quiet = settle()
-            with Meter() as m:
-                times, got = time_stream(model, prompt, n, False)
-            runs.append({"step_s": times, "total_s": sum(times), "tokens_match_cached": got == tokens,
-                         "quiet": quiet, "meter": m.result})
-            log(f"  full recompute run {r + 1}/{repeats}: {sum(times):.1f} s for {n} steps; "
-                f"others busy {m.result['others_busy']}")
-        i = min(range(repeats), key=lambda j: runs[j]["total_s"])
-        per_step = runs[i]["step_s"]
-        measured = {k: per_step[k] for k in range(n)}
-        total = runs[i]["total_s"]
-        agree = all(r["tokens_match_cached"] for r in runs)
-        method = f"all {n} steps run and timed ({repeats} repeat(s); the run with the lowest total is reported)"
-    else:
-        ks = evenly_spaced(0, n - 1, points)
-        full = seq(n - 1)
-        layouts = Layouts(model)
-        measured, agree, runs, paired = {}, True, [], {}
-        for k in ks:
-            # paired: right after each full-recompute step, the cached step that yields the same token (k >= 1),
-            # 5 times (median), so both see the same load from other processes
-            cs = CachedStep(model, full, P + k - 1) if k >= 1 else None
-            if cs is not None:
-                cs.run(cs.fresh())  # warm-up
-            for _ in range(repeats):
-                quiet = settle()
-                with Meter() as m:
-                    t, got = time_stream(model, seq(k), 1, False)
-                    cached = median([timed_once(cs.run, cs.fresh()) for _ in range(5)]) if cs else None
-                    with layouts.row_major():  # the reference's method gets the faster of the two layouts
-                        t_row, got_row = time_stream(model, seq(k), 1, False)
-                agree &= got[0] == got_row[0] == tokens[k] and (cs is None or cs.run(cs.fresh()) == tokens[k])
-                runs.append({"step_index": k, "length": P + k, "step_s": min(t[0], t_row[0]),
-                             "step_s_as_stored": t[0], "step_s_row_major": t_row[0], "paired_cached_step_s": cached,
-                             "quiet": quiet, "meter": m.result})
-            mine = [r for r in runs if r["step_index"] == k]
-            measured[k] = min(r["step_s"] for r in mine)
-            if cs is not None:
-                paired[P + k] = median([r["step_s"] / r["paired_cached_step_s"] for r in mine])
-            log(f"  full recompute step {k} (length {P + k}): best {measured[k]:.3f} s of "
-                f"{[round(r['step_s'], 3) for r in mine]}"
-                + (f"; paired cached steps {[round(r['paired_cached_step_s'] * 1e3, 1) for r in mine]} ms, speedup "
-                   f"{paired[P + k]:.1f}x" if cs else "") + f"; others busy {others(mine)}")
-        per_step = interp(measured, range(n))
-        total = sum(per_step)
-        method = (f"sampled: steps {ks} (sequence lengths {[P + k for k in ks]}) each timed {repeats}x with the "
-                  f"weights as stored and {repeats}x with every weight row-major, the lowest kept; the other steps' "
-                  f"times interpolated linearly between them; total = sum over all {n} steps")
-        paired = {"by_length": {str(L): v for L, v in paired.items()}, "mean": sum(paired.values()) / len(paired),
-                  "method": "at each timed length >= P + 1: full-recompute step time / median of 5 cached combined "
-                            "steps (fresh copies of the caches at length - 1) run right after it; median over repeats"}
+        return bench_full_all(model, prompt, tokens, n, repeats)
+    return bench_full_sampled(model, prompt, tokens, n, repeats, points)
+
+
+def full_result(method: str, per_step: list[float], runs: list[dict], agree: bool, measured=None,
+                paired=None) -> dict:
+    n = len(per_step)
     return {
         "method": method,
-        "measured_step_s": {str(P + k): v for k, v in measured.items()} if mode != "all" else None,
+        "measured_step_s": measured,
         "runs": runs,
         "per_step_s": per_step,
-        "total_s": total,
+        "total_s": sum(per_step),
         "decode_mean_s": sum(per_step[1:]) / (n - 1),  # steps 1..N-1, the ones cached decoding makes one-token
         "first_step_s": per_step[0],
         "argmax_matches_cached": agree,
         "paired_speedup": paired,
         "others_busy": others(runs),
     }
+
+
+def bench_full_all(model, prompt, tokens: list[int], n: int, repeats: int) -> dict:
+    """Every step of `stream(use_cache=False)` run and timed; the run with the lowest total is reported."""
+    runs = []
+    for r in range(repeats):
+        quiet = settle()
+        with Meter() as m:
+            times, got = time_stream(model, prompt, n, False)
+        runs.append({"step_s": times, "total_s": sum(times), "tokens_match_cached": got == tokens,
+                     "quiet": quiet, "meter": m.result})
+        log(f"  full recompute run {r + 1}/{repeats}: {sum(times):.1f} s for {n} steps; "
+            f"others busy {m.result['others_busy']}")
+    per_step = min(runs, key=lambda r: r["total_s"])["step_s"]
+    method = f"all {n} steps run and timed ({repeats} repeat(s); the run with the lowest total is reported)"
+    return full_result(method, per_step, runs, all(r["tokens_match_cached"] for r in runs))
+
+
+def full_step_runs(model, seq, k: int, token: int, cs, layouts: Layouts, repeats: int) -> tuple[list[dict], bool]:
+    """`repeats` timings of full-recompute step k over `seq` (the weights as stored and row-major), each followed
+    (paired, so both see the same load from other processes) by the median of 5 cached steps `cs` that yield the
+    same token (None at step 0); and whether every argmax is `token`."""
+    if cs is not None:
+        cs.run(cs.fresh())  # warm-up
+    runs, agree = [], True
+    for _ in range(repeats):
+        quiet = settle()
+        with Meter() as m:
+            t, got = time_stream(model, seq, 1, False)
+            cached = interleaved({"cached": (cs.run, cs.fresh)}, 5)["cached"] if cs else None
+            with layouts.row_major():  # the reference's method gets the faster of the two layouts
+                t_row, got_row = time_stream(model, seq, 1, False)
+        agree &= got[0] == got_row[0] == token and (cs is None or cs.run(cs.fresh()) == token)
+        runs.append({"step_index": k, "length": seq.shape[1], "step_s": min(t[0], t_row[0]),
+                     "step_s_as_stored": t[0], "step_s_row_major": t_row[0], "paired_cached_step_s": cached,
+                     "quiet": quiet, "meter": m.result})
+    return runs, agree
+
+
+def bench_full_sampled(model, prompt, tokens: list[int], n: int, repeats: int, points: int) -> dict:
+    """--full-points steps timed, the others interpolated; each timed step paired with cached steps."""
+    P, ks = prompt.shape[1], evenly_spaced(0, n - 1, points)
+    full, layouts = prefix(prompt, tokens, n - 1), Layouts(model)
+    measured, agree, runs, paired = {}, True, [], {}
+    for k in ks:
+        cs = CachedStep(model, full, P + k - 1) if k >= 1 else None
+        mine, ok = full_step_runs(model, prefix(prompt, tokens, k), k, tokens[k], cs, layouts, repeats)
+        runs += mine
+        agree &= ok
+        measured[k] = min(r["step_s"] for r in mine)
+        if cs is not None:
+            paired[P + k] = median([r["step_s"] / r["paired_cached_step_s"] for r in mine])
+        log(f"  full recompute step {k} (length {P + k}): best {measured[k]:.3f} s of "
+            f"{[round(r['step_s'], 3) for r in mine]}"
+            + (f"; paired cached steps {[round(r['paired_cached_step_s'] * 1e3, 1) for r in mine]} ms, speedup "
+               f"{paired[P + k]:.1f}x" if cs else "") + f"; others busy {others(mine)}")
+    method = (f"sampled: steps {ks} (sequence lengths {[P + k for k in ks]}) each timed {repeats}x with the "
+              f"weights as stored and {repeats}x with every weight row-major, the lowest kept; the other steps' "
+              f"times interpolated linearly between them; total = sum over all {n} steps")
+    paired = {"by_length": {str(L): v for L, v in paired.items()}, "mean": sum(paired.values()) / len(paired),
+              "method": "at each timed length >= P + 1: full-recompute step time / median of 5 cached combined "
+                        "steps (fresh copies of the caches at length - 1) run right after it; median over repeats"}
+    return full_result(method, interp(measured, range(n)), runs, agree,
+                       {str(P + k): v for k, v in measured.items()}, paired)
 
 
 # ---- 3. the large model alone, transformers' own cached generate ----------------------------------------------
@@ -382,81 +403,76 @@ def bench_large_alone(model, cfg, ids, n: int, repeats: int) -> dict:
         "model": source,
         "generation": f"greedy, max_new_tokens = min_new_tokens = {n}, eos {eos}, use_cache=True (DynamicCache)",
         "runs": runs,
-        "prefill_s": best(runs, "prefill_s"),
-        "decode_median_s": best(runs, "median_s"),
-        "decode_mean_s": best(runs, "mean_s"),
-        "total_s": best(runs, "total_s"),
+        **best_of(runs, DECODE_FIGURES),
         "others_busy": others(runs),
     }
 
 
 # ---- 4. the floor: one cached large step + one cached small step (+ the new head) -------------------------------
-def bench_floor(model, prompt, tokens: list[int], n: int, steps: int, repeats: int) -> dict:
+def floor_calls(model, full, C: int, g) -> dict:
+    """{part: (fn, make)}: one-token steps at cached context C of the large model (on the real sequence), the small
+    model (on noise from g), the head, and the combined model (CachedStep); each context prefilled here, once."""
     import torch
     from transformers import DynamicCache
 
+    ones = torch.ones(1, C + 1, dtype=torch.long)
+    pos = torch.tensor([[C]])
+    lc, sc = DynamicCache(), DynamicCache()
+    model.large(input_ids=full[:, :C], attention_mask=ones[:, :C], cache=lc, use_cache=True)
+    emb = torch.randn(1, C + 1, model.lm_head.in_features, generator=g)
+    model.small(inputs_embeds=emb[:, :C], attention_mask=ones[:, :C], cache=sc, use_cache=True)
+    ls, ss, tok, x = snapshot(lc), snapshot(sc), full[:, C : C + 1], emb[:, C:]
+    h = model.small(inputs_embeds=x, attention_mask=ones, position_ids=pos, cache=DynamicCache(ss),
+                    use_cache=True).last_hidden_state
+    cs = CachedStep(model, full, C)
+    return {
+        "large": (lambda c: model.large(input_ids=tok, attention_mask=ones, position_ids=pos, cache=c, use_cache=True),
+                  lambda: DynamicCache(ls)),
+        "small": (lambda c: model.small(inputs_embeds=x, attention_mask=ones, position_ids=pos, cache=c,
+                                        use_cache=True), lambda: DynamicCache(ss)),
+        "head": (lambda _: model.lm_head(h), lambda: None),
+        "combined": (cs.run, cs.fresh),
+    }
+
+
+def floor_runs(calls: dict, steps: int, repeats: int) -> list[dict]:
+    """`repeats` runs, each timing every context's parts interleaved (`steps` calls each, the median)."""
+    runs = []
+    for r in range(repeats):
+        quiet = settle()
+        with Meter() as m:
+            got = {C: interleaved(fns, steps) for C, fns in calls.items()}
+        runs.append({"by_context": {str(C): v for C, v in got.items()}, "quiet": quiet, "meter": m.result})
+        log(f"  floor run {r + 1}/{repeats}: " + "; ".join(
+            f"context {C}: large {v['large'] * 1e3:.1f} ms, small {v['small'] * 1e3:.2f} ms, head "
+            f"{v['head'] * 1e3:.2f} ms, combined {v['combined'] * 1e3:.1f} ms" for C, v in got.items())
+            + f"; others busy {m.result['others_busy']}")
+    return runs
+
+
+def floor_figures(rs: list[dict]) -> dict:
+    """One context's figures from its repeats ({part: median seconds} each): the lowest of each part, and the paired
+    ratio combined / (large + small + head), all measured interleaved, per repeat; median over repeats."""
+    v = best_of(rs, ("large", "small", "head", "combined"))
+    return {"large_s": v["large"], "small_s": v["small"], "head_s": v["head"],
+            "floor_s": v["large"] + v["small"] + v["head"], "combined_step_s": v["combined"],
+            "paired_ratio": median([x["combined"] / (x["large"] + x["small"] + x["head"]) for x in rs])}
+
+
+def bench_floor(model, prompt, tokens: list[int], n: int, steps: int, repeats: int) -> dict:
+    import torch
+
     P = prompt.shape[1]
-    full = torch.cat([prompt, torch.tensor([tokens], dtype=prompt.dtype)], dim=1)
-    d_small = model.lm_head.in_features
+    full = prefix(prompt, tokens, len(tokens))
     contexts = sorted({P, P + (n - 2) // 2, P + n - 2})  # cached lengths at the first, middle and last decode step
     g = torch.Generator().manual_seed(0)
-
-    def snapshot(cache):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-
-    def timed(fns: dict) -> dict:
-        """Median of `steps` calls of each fn, interleaved (so all see the same load), each call on a fresh cache
-        holding the same C positions (built outside the clock)."""
-        ts = {k: [] for k in fns}
-        for _ in range(steps):
-            for k, (fn, make) in fns.items():
-                ts[k].append(timed_once(fn, make()))
-        return {k: median(v) for k, v in ts.items()}
-
-    calls = {}
     with torch.no_grad():
-        for C in contexts:  # prefill each context once: the large model on the real sequence, the small on noise
-            ones = torch.ones(1, C + 1, dtype=torch.long)
-            pos = torch.tensor([[C]])
-            lc, sc = DynamicCache(), DynamicCache()
-            model.large(input_ids=full[:, :C], attention_mask=ones[:, :C], cache=lc, use_cache=True)
-            emb = torch.randn(1, C + 1, d_small, generator=g)
-            model.small(inputs_embeds=emb[:, :C], attention_mask=ones[:, :C], cache=sc, use_cache=True)
-            ls, ss, tok, x = snapshot(lc), snapshot(sc), full[:, C : C + 1], emb[:, C:]
-            h = model.small(inputs_embeds=x, attention_mask=ones, position_ids=pos, cache=DynamicCache(ss),
-                            use_cache=True).last_hidden_state
-            calls[C] = {
-                "large": (lambda c, tok=tok, ones=ones, pos=pos: model.large(
-                    input_ids=tok, attention_mask=ones, position_ids=pos, cache=c, use_cache=True),
-                    lambda ls=ls: DynamicCache(ls)),
-                "small": (lambda c, x=x, ones=ones, pos=pos: model.small(
-                    inputs_embeds=x, attention_mask=ones, position_ids=pos, cache=c, use_cache=True),
-                    lambda ss=ss: DynamicCache(ss)),
-                "head": (lambda _, h=h: model.lm_head(h), lambda: None),
-            }
-            cs = CachedStep(model, full, C)
-            calls[C]["combined"] = (cs.run, cs.fresh)
-        for C in contexts:  # warm-up
-            for fn, make in calls[C].values():
+        calls = {C: floor_calls(model, full, C, g) for C in contexts}
+        for fns in calls.values():  # warm-up
+            for fn, make in fns.values():
                 fn(make())
-        runs = []
-        for r in range(repeats):
-            quiet = settle()
-            with Meter() as m:
-                got = {C: timed(calls[C]) for C in contexts}
-            runs.append({"by_context": {str(C): v for C, v in got.items()}, "quiet": quiet, "meter": m.result})
-            log(f"  floor run {r + 1}/{repeats}: " + "; ".join(
-                f"context {C}: large {v['large'] * 1e3:.1f} ms, small {v['small'] * 1e3:.2f} ms, head "
-                f"{v['head'] * 1e3:.2f} ms, combined {v['combined'] * 1e3:.1f} ms" for C, v in got.items())
-                + f"; others busy {m.result['others_busy']}")
-    out = {}
-    for C in contexts:
-        v = {k: min(r["by_context"][str(C)][k] for r in runs) for k in ("large", "small", "head", "combined")}
-        rs = [r["by_context"][str(C)] for r in runs]
-        out[C] = {"large_s": v["large"], "small_s": v["small"], "head_s": v["head"],
-                  "floor_s": v["large"] + v["small"] + v["head"], "combined_step_s": v["combined"],
-                  # per repeat: combined / (large + small + head), all measured interleaved; median over repeats
-                  "paired_ratio": median([x["combined"] / (x["large"] + x["small"] + x["head"]) for x in rs])}
+        runs = floor_runs(calls, steps, repeats)
+    out = {C: floor_figures([r["by_context"][str(C)] for r in runs]) for C in contexts}
     # decode step k (1..N-1) runs with P + k - 1 cached positions
     per_step = interp({C: v["floor_s"] for C, v in out.items()}, range(P, P + n - 1))
     return {
@@ -683,12 +699,6 @@ def report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--couplings" in argv:  # the stream vs prompt coupling comparison (issue 8) lives in couplings.py
-        import couplings
-
-        sys.argv = [couplings.__file__] + [x for x in argv if x != "--couplings"]
-        return couplings.main()
     a = parse_args(argv)
     threads = set_threads(a.threads)
     QUIET.update(threshold=a.quiet, timeout=a.quiet_timeout)

@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import log, time_stream, write_json  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name(); first match.
 PEAK_BF16_TFLOPS = [
@@ -257,16 +259,9 @@ def set_checkpointing(small, on: bool) -> None:
     getattr(small, name)()
 
 
-def timed_stream(env: Env, model, ids, n: int, use_cache: bool):
-    from llm_modules.generate import SamplingConfig, stream
-
-    env.sync()
-    t0 = time.perf_counter()
-    stamps, tokens = [], []
-    for s in stream(model, ids, None, SamplingConfig(max_new_tokens=n), use_cache=use_cache):
-        tokens.append(int(s.tokens[0]))  # a device -> host copy: the step is done
-        stamps.append(time.perf_counter())
-    return t0, stamps, tokens
+def ms_per_token(decode: list[float]):
+    """Mean and median of the decode steps, in ms (None without decode steps)."""
+    return {"mean": 1e3 * statistics.fmean(decode), "median": 1e3 * statistics.median(decode)} if decode else None
 
 
 def generation(env: Env, model, sizes: dict, args, vocab: int) -> dict:
@@ -276,23 +271,21 @@ def generation(env: Env, model, sizes: dict, args, vocab: int) -> dict:
     model.eval().to(dtype)
     gen = torch.Generator().manual_seed(args.seed + 1)
     ids = torch.randint(0, vocab, (1, P), generator=gen).to(env.device)
-    timed_stream(env, model, ids, min(4, N), True)  # warm-up (kernels, allocator)
-    timed_stream(env, model, ids, min(2, M), False)
+    time_stream(model, ids, min(4, N), True, env.sync)  # warm-up (kernels, allocator)
+    time_stream(model, ids, min(2, M), False, env.sync)
     env.reset_peak()
-    t0, st, cached_tokens = timed_stream(env, model, ids, N, True)
+    steps, cached_tokens = time_stream(model, ids, N, True, env.sync)
     cached_peak = env.peak_gib()
-    decode = [b - a for a, b in zip(st, st[1:])]
-    cached = {"prompt_tokens": P, "new_tokens": N, "prefill_s": st[0] - t0, "total_s": st[-1] - t0,
-              "tokens_per_s": N / (st[-1] - t0), "decode_tokens_per_s": len(decode) / sum(decode) if decode else None,
-              "decode_ms_per_token": {"mean": 1e3 * statistics.fmean(decode), "median": 1e3 * statistics.median(decode)}
-              if decode else None, "peak_memory_gib": cached_peak}
+    decode = steps[1:]
+    cached = {"prompt_tokens": P, "new_tokens": N, "prefill_s": steps[0], "total_s": sum(steps),
+              "tokens_per_s": N / sum(steps), "decode_tokens_per_s": len(decode) / sum(decode) if decode else None,
+              "decode_ms_per_token": ms_per_token(decode), "peak_memory_gib": cached_peak}
     env.reset_peak()
-    r0, rs, recompute_tokens = timed_stream(env, model, ids, M, False)
-    rdecode = [b - a for a, b in zip(rs, rs[1:])]
-    recompute = {"prompt_tokens": P, "new_tokens": M, "first_token_s": rs[0] - r0, "total_s": rs[-1] - r0,
-                 "tokens_per_s": M / (rs[-1] - r0),
-                 "decode_ms_per_token": {"mean": 1e3 * statistics.fmean(rdecode), "median": 1e3 * statistics.median(rdecode)}
-                 if rdecode else None, "peak_memory_gib": env.peak_gib()}
+    rsteps, recompute_tokens = time_stream(model, ids, M, False, env.sync)
+    rdecode = rsteps[1:]
+    recompute = {"prompt_tokens": P, "new_tokens": M, "first_token_s": rsteps[0], "total_s": sum(rsteps),
+                 "tokens_per_s": M / sum(rsteps), "decode_ms_per_token": ms_per_token(rdecode),
+                 "peak_memory_gib": env.peak_gib()}
     same = [a == b for a, b in zip(cached_tokens, recompute_tokens)]
     cached["tokens_match_recompute"] = all(same)
     cached["matching_prefix"] = same.index(False) if not all(same) else len(same)
@@ -304,10 +297,8 @@ def generation(env: Env, model, sizes: dict, args, vocab: int) -> dict:
                     f"{len(rdecode)} steps (contexts {P + 1}..{P + len(rdecode)})"}
 
 
-def run(args) -> dict:
-    import torch
-
-    device = torch.device(args.device)
+def apply_defaults(args) -> dict:
+    """The sizes (paper or smoke, with the flags that override them); fills the smoke-dependent defaults in args."""
     sizes = dict(SMOKE if args.smoke else PAPER)
     for key, attr in (("seq_len", "seq_len"), ("prompt_tokens", "prompt_tokens"), ("new_tokens", "new_tokens"),
                       ("recompute_new_tokens", "recompute_new_tokens")):
@@ -316,6 +307,46 @@ def run(args) -> dict:
     args.steps = args.steps or (1 if args.smoke else 5)
     args.warmup = min(args.warmup, 1) if args.smoke else args.warmup
     args.gen_dtype = args.gen_dtype or ("float32" if args.smoke else "bfloat16")
+    return sizes
+
+
+def train_arms(env: Env, model, args, result: dict, start: float) -> None:
+    """The four training arms (live / cached features x checkpointing off / on) into result["train"]; an arm not
+    started within --time-budget s of `start` goes to result["skipped"]."""
+    torch = env.torch
+    T, Bt, peak = result["sizes"]["seq_len"], result["sizes"]["batch"], result["peak_tflops"]
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, result["sizes"]["vocab"], (Bt, T), generator=gen).to(env.device)
+    mask = torch.ones_like(ids)
+    params = [p for _, p in model.trainable_named_parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    with torch.no_grad():
+        from llm_modules.model import positions_from_mask
+
+        source = model.source_states(ids, mask, positions_from_mask(mask))  # (B, T, D_L), bf16
+    for features in ("live", "cached"):
+        for checkpointing in (False, True):
+            name = f"{features} features, gradient checkpointing {'on' if checkpointing else 'off'}"
+            if time.perf_counter() - start > args.time_budget:
+                result["skipped"].append(name)
+                continue
+            log(f"train: {name} ...")
+            arm = train_arm(env, model, opt, ids, mask, None if features == "live" else source,
+                            args.steps, args.warmup, checkpointing)
+            arm.update(features=features, gradient_checkpointing=checkpointing,
+                       flops_per_step=result["flops"][features]["total"])
+            if "step_s" in arm:
+                arm["achieved_tflops"] = arm["flops_per_step"] / arm["step_s"] / 1e12
+                arm["mfu"] = arm["achieved_tflops"] / peak if peak else None
+            result["train"].append(arm)
+    opt.zero_grad(set_to_none=True)
+
+
+def run(args) -> dict:
+    import torch
+
+    device = torch.device(args.device)
+    sizes = apply_defaults(args)
     env = Env(torch, device)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -349,32 +380,7 @@ def run(args) -> dict:
     log(f"trainable {trainable / 1e6:.1f}M, frozen large {frozen / 1e6:.1f}M parameters; vocab {vocab}; "
         f"peak {peak} TFLOP/s ({peak_source})")
 
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, vocab, (Bt, T), generator=gen).to(device)
-    mask = torch.ones_like(ids)
-    params = [p for _, p in model.trainable_named_parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
-    with torch.no_grad():
-        from llm_modules.model import positions_from_mask
-
-        source = model.source_states(ids, mask, positions_from_mask(mask))  # (B, T, D_L), bf16
-    for features in ("live", "cached"):
-        for checkpointing in (False, True):
-            name = f"{features} features, gradient checkpointing {'on' if checkpointing else 'off'}"
-            if time.perf_counter() - start > args.time_budget:
-                result["skipped"].append(name)
-                continue
-            log(f"train: {name} ...")
-            arm = train_arm(env, model, opt, ids, mask, None if features == "live" else source,
-                            args.steps, args.warmup, checkpointing)
-            arm.update(features=features, gradient_checkpointing=checkpointing,
-                       flops_per_step=result["flops"][features]["total"])
-            if "step_s" in arm:
-                arm["achieved_tflops"] = arm["flops_per_step"] / arm["step_s"] / 1e12
-                arm["mfu"] = arm["achieved_tflops"] / peak if peak else None
-            result["train"].append(arm)
-    opt.zero_grad(set_to_none=True)
-    del source, opt
+    train_arms(env, model, args, result, start)
     if time.perf_counter() - start > args.time_budget:
         result["skipped"].append("generation")
     else:
@@ -412,10 +418,6 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -432,8 +434,6 @@ def main(argv=None) -> int:
     result = run(args)
     print(report(result))
     if args.out:
-        from common import write_json  # benchmarks/common.py (this script's folder is on sys.path)
-
         write_json(args.out, result)
         log(f"wrote {args.out}")
     return 0

@@ -32,10 +32,9 @@ import urllib.request
 from datetime import date
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import describe_machine, load_average, log, machine, set_threads, table, write_json  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # `common` beside this script; this checkout's llm_modules
+from common import describe_machine, load_average, log, machine, set_threads, table, write_json  # noqa: E402
 
 
 def free_port() -> int:
@@ -172,21 +171,37 @@ def main() -> int:
            "command": " ".join([Path(sys.executable).name] + sys.argv), "modes": {}}
     log(describe_machine(info))
     for mode in args.modes.split(","):
-        batch = args.batch_size if mode == "batched" else 1
-        log(f"starting the server ({mode}, --max-batch-size {batch})")
-        server = Server(checkpoint, batch, args.threads)
-        try:
-            asyncio.run(level(server.url, 1, ["Warm-up: what is 1 + 1?"], args.max_tokens))
-            runs = []
-            for clients, n in zip(levels, counts):
-                r = asyncio.run(level(server.url, clients, questions(n), args.max_tokens))
-                log(f"  {mode}: {clients} clients, {n} requests: {r['requests_per_s']:.2f} req/s, "
-                    f"{r['tokens_per_s']:.1f} tok/s, p50 {r['latency_p50_s']:.2f} s, ttft p50 {r['ttft_p50_s']:.2f} s")
-                runs.append(r)
-            out["modes"][mode] = {"max_batch_size": batch, "server_command": server.command,
-                                  "server_load_s": server.load_s, "levels": runs}
-        finally:
-            server.stop()
+        out["modes"][mode] = bench_mode(mode, args, checkpoint, levels, counts)
+    summarize(out)
+    if args.out:
+        write_json(args.out, out)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def bench_mode(mode: str, args, checkpoint: str, levels: list[int], counts: list[int]) -> dict:
+    """One server (batched: --batch-size; sequential: 1), warmed up, then each concurrency level in turn."""
+    batch = args.batch_size if mode == "batched" else 1
+    log(f"starting the server ({mode}, --max-batch-size {batch})")
+    server = Server(checkpoint, batch, args.threads)
+    try:
+        asyncio.run(level(server.url, 1, ["Warm-up: what is 1 + 1?"], args.max_tokens))
+        runs = []
+        for clients, n in zip(levels, counts):
+            r = asyncio.run(level(server.url, clients, questions(n), args.max_tokens))
+            log(f"  {mode}: {clients} clients, {n} requests: {r['requests_per_s']:.2f} req/s, "
+                f"{r['tokens_per_s']:.1f} tok/s, p50 {r['latency_p50_s']:.2f} s, ttft p50 {r['ttft_p50_s']:.2f} s")
+            runs.append(r)
+        return {"max_batch_size": batch, "server_command": server.command, "server_load_s": server.load_s,
+                "levels": runs}
+    finally:
+        server.stop()
+
+
+def summarize(out: dict) -> None:
+    """Print the table, the batched / one-at-a-time ratios, and whether greedy answers agree across modes (recorded
+    in out["greedy_answers_differ"])."""
     rows = []
     for mode, m in out["modes"].items():
         for r in m["levels"]:
@@ -209,11 +224,6 @@ def main() -> int:
         differ = sorted(p for p, texts in answers.items() if len(texts) > 1)
         out["greedy_answers_differ"] = differ
         print(f"greedy answers identical across modes and levels: {len(answers) - len(differ)}/{len(answers)} prompts")
-    if args.out:
-        write_json(args.out, out)
-    if tmp is not None:
-        tmp.cleanup()
-    return 0
 
 
 if __name__ == "__main__":
