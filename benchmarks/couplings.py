@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, machine, time_stream, write_json  # noqa: E402
 
-from llm_modules.__main__ import load_config  # noqa: E402
+from llm_modules.config import load_config  # noqa: E402
 from llm_modules.backbones import resolve_path  # noqa: E402
 from llm_modules.model import LLMModules  # noqa: E402
 

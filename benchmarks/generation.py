@@ -350,28 +350,19 @@ class StepClock:
         pass
 
 
-def build_large_lm(model, cfg):
-    from transformers import AutoModelForCausalLM
+def build_large_lm(cfg):
+    """The large model with its own LM head, loaded as the harness and the large-alone arm load it (for an inline
+    config: the same seeded blocks the combined model holds, a random head)."""
+    from llm_modules.backbones import load_causal_lm
 
-    from llm_modules.backbones import DTYPE, resolve_path
-
-    if cfg.large.name_or_path is not None:
-        lm = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.large), dtype=DTYPE[cfg.large.dtype],
-                                                  revision=cfg.large.revision, gguf_file=cfg.large.gguf_file,
-                                                  **cfg.large.overrides)
-        source = f"AutoModelForCausalLM.from_pretrained({resolve_path(cfg.large)!r})"
-    else:
-        lm = AutoModelForCausalLM.from_config(model.large.config, dtype=model.large.dtype)
-        lm.base_model.load_state_dict(model.large.state_dict())  # the same blocks; the LM head stays random
-        source = "AutoModelForCausalLM.from_config(inline large config) + the combined model's large weights"
-    return lm.eval(), source
+    return load_causal_lm(cfg.large, "large").eval(), f"backbones.load_causal_lm({cfg.large.identity!r})"
 
 
 def bench_large_alone(model, cfg, ids, n: int, repeats: int) -> dict:
     import torch
     from transformers import GenerationConfig
 
-    lm, source = build_large_lm(model, cfg)
+    lm, source = build_large_lm(cfg)
     eos = lm.config.eos_token_id
     gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos,
                           pad_token_id=lm.config.pad_token_id if lm.config.pad_token_id is not None else 0,

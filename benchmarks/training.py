@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, machine, write_json  # noqa: E402
 
-from llm_modules.__main__ import load_config  # noqa: E402
+from llm_modules.config import load_config  # noqa: E402
 from llm_modules import features  # noqa: E402
 from llm_modules.model import LLMModules  # noqa: E402
 from llm_modules.train import micro_batches, setup, train_step  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> int:
         for n, p in model.trainable_named_parameters():
             p.copy_(init[n])
     t0 = time.perf_counter()
-    features.prepare(model, cfg_cached, run.data, log=print)
+    features.prepare(model.large, cfg_cached, run.data, log=print)
     build_s = time.perf_counter() - t0
     run_c = setup(cfg_cached, resume=False, model=model, log=lambda *a: None)
     assert run_c.features is not None

@@ -103,10 +103,10 @@ def measure(name: str, cfg, problems: int) -> list[dict]:
             model = run.unwrapped.eval()
             examples = gsm8k_examples(cfg, model.large_tokenizer, problems)
             if states is None:  # trained from the feature cache: load the large model once to read GSM8K
-                from llm_modules.backbones import freeze, load_backbone
+                from llm_modules.backbones import load_frozen_large
 
                 if model.large is None:
-                    model.large = freeze(load_backbone(cfg.large, pretrained=True, seed=0, where="large"))
+                    model.large = load_frozen_large(cfg.large)
                 states = large_states(model, examples)
             row = {"config": name, "init": init, "large_width": model.bridge.pre_proj.in_features,
                    "small_width": model.lm_head.in_features, "setup_seconds": setup_s,
