@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def gsm8k_examples(cfg, tokenizer, n: int) -> list:
     from llm_modules.data import tokenize
-    from llm_modules.tasks import find_data_dir, read_jsonl
+    from llm_modules.benchmark_data import find_data_dir, read_jsonl
 
     rows = read_jsonl(find_data_dir() / "gsm8k" / "test.jsonl")[:n]
     return [tokenize([{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}],

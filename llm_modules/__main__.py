@@ -67,7 +67,7 @@ def cmd_ablations(args, extra) -> int:
 def cmd_eval(args, extra) -> int:
     import json
 
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
     from .evaluate import answer_accuracy, heldout_loss
     from .model import LLMModules
     from .data import load_data
@@ -112,7 +112,7 @@ def _eval_tasks(args) -> int:
     """`eval --task`: benchmarks (tasks.py) on a checkpoint or its large model alone; a table, JSONL and summary."""
     import json
 
-    from .checkpoint import atomic_write_json, atomic_write_text
+    from .files import atomic_write_json, atomic_write_text
     from .tasks import default_out, evaluate_tasks, parse_task_names, summary_path, table
 
     names = parse_task_names(args.task)
@@ -138,10 +138,11 @@ def cmd_demo(args, extra) -> int:
 def cmd_cache_features(args, extra) -> int:
     from . import features
     from .backbones import load_frozen_large
+    from .couplings import COUPLINGS
     from .data import load_data
 
     cfg = load_config(args.config, parse_overrides(extra))
-    if cfg.coupling == "none" and cfg.train.distill_weight == 0:
+    if not COUPLINGS[cfg.coupling].reads_large and cfg.train.distill_weight == 0:
         raise UserError("coupling: 'none' without distillation never reads the large model; there is nothing to cache")
     data, _ = load_data(cfg)
     found = features.available(cfg, data)
@@ -261,6 +262,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute everything per token (for comparison)")
 
 
+# Long but flat: one block of add_argument calls per subcommand.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-modules", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import features as features_mod
-from .checkpoint import atomic_write_json, atomic_write_text
+from .files import atomic_write_json, atomic_write_text
 from .config import LLMModulesConfig
 from .data import load_data
 from .evaluate import answer_accuracy, extract_answer, heldout_loss, is_correct

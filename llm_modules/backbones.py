@@ -133,6 +133,11 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) 0/1 -> (B, S) positions counting only real tokens, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def load_frozen_large(spec: ModelSpec) -> PreTrainedModel:
     """The frozen large backbone (no LM head) the combined model and the feature cache read."""
     return freeze(load_backbone(spec, pretrained=True, seed=INLINE_LARGE_SEED, where="large"))

@@ -249,7 +249,7 @@ class LLMModulesConfig:
         return dataclasses.asdict(self)
 
     def save_yaml(self, path: Union[str, Path]) -> None:
-        from .checkpoint import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 

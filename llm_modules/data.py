@@ -24,6 +24,7 @@ from .config import DataConfig, LLMModulesConfig
 from .errors import UserError
 from .prompts import TemplateRejected, encode_prompt, encode_segments, render_training, with_system_prompt
 from .reasoning_tasks import reasoning_gym_items
+from .vocab import pad
 
 IGNORE_INDEX = -100
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -334,7 +335,7 @@ def _training_records(cfg: DataConfig, skipped: list, allow: bool) -> list[Recor
                                     allow_test_derived=allow)
         records += [Record(*item) for item in items]
     if cfg.benchmarks:
-        from .tasks import train_records
+        from .benchmark_data import train_records
 
         records += [Record(*r) for r in train_records(list(cfg.benchmarks), cfg.benchmark_dir)]
     return records
@@ -394,18 +395,6 @@ def add_memory(ex: Example, messages: list[dict], tokenizer, memory_tokenizer, c
 
 
 # ---- batching -----------------------------------------------------------------------------------------------
-def pad(rows: list[list[int]], pad_id: int, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask) (B, longest row): rows padded with `pad_id` on the left (prompts: every row's next
-    token comes at the same step) or on the right."""
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        sl = slice(T - len(r), T) if left else slice(0, len(r))
-        ids[b, sl], mask[b, sl] = torch.tensor(r, dtype=torch.long), 1
-    return ids, mask
-
-
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded LongTensors input_ids / attention_mask / labels (labels padded with IGNORE_INDEX)."""
     input_ids, attention_mask = pad([e.input_ids for e in examples], pad_id, left=False)
@@ -458,11 +447,12 @@ def load_data(cfg: LLMModulesConfig, tokenizer=None, text_tokenizer=None, log=pr
     """The tokenized data and the large model's tokenizer (coupling "prompt": the text in the small model's
     tokenizer `text_tokenizer`, the prompt memory in the large one's); tokenizers not given come from the config."""
     from .backbones import load_model_tokenizer, load_small_tokenizer
+    from .couplings import COUPLINGS
 
     tokenizer = load_model_tokenizer(cfg) if tokenizer is None else tokenizer
     if tokenizer is None:
         raise UserError("training needs a tokenizer: set `tokenizer` (e.g. byte-level) or name the large model")
-    if cfg.coupling == "prompt":
+    if COUPLINGS[cfg.coupling].memory:  # the text in the small model's tokenizer, the memory in the large one's
         text_tokenizer = load_small_tokenizer(cfg) if text_tokenizer is None else text_tokenizer
         return build_datasets(cfg.data, text_tokenizer, log=log, memory_tokenizer=tokenizer), tokenizer
     return build_datasets(cfg.data, tokenizer, log=log), tokenizer

@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import atomic_write_json, atomic_write_text
+from .files import atomic_write_json, atomic_write_text
 from .config import LLMModulesConfig
 from .experiment import ARMS, SUITES, arm_config, evaluate_arm, train_arm
 from .plots import plot_metrics

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import atomic_write_json, atomic_write_text
+from .files import atomic_write_json, atomic_write_text
 from .config import LLMModulesConfig
 from .errors import UserError
 
+SEGMENTS = "train.runs.jsonl"  # one line per training process of an arm: its wall time, peak memory, exit status
 SMOLLM = {"name_or_path": "smollm2-135m-instruct", "config": None, "pretrained": True, "overrides": {}}
 # The paper's small model (EleutherAI/gpt-neo-125M's shape: 768 wide, 12 layers), random, built from an inline config.
 GPT_NEO_125M = {"model_type": "gpt_neo", "vocab_size": 8, "bos_token_id": 0, "eos_token_id": 0, "hidden_size": 768,
@@ -136,7 +137,8 @@ def trainable_count(cfg: LLMModulesConfig) -> int:
 
 # ---- running one piece, resumably -------------------------------------------------------------------------------
 def run_process(argv: list[str], log_path: Path, log=print) -> dict:
-    """Run `python -m llm_modules ARGV` in its own process (output to log_path); its wall time and peak memory.
+    """Run `python -m llm_modules ARGV` in its own process (output to log_path); its wall time and peak memory,
+    also appended to SEGMENTS beside the log however the process ends.
     SIGTERM / SIGINT to this process are passed on: the child saves where it is and stops, and so do we (with
     interrupt.Interrupted, the child's exit status); the same command later resumes it."""
     from .interrupt import Interrupted, StopRequests
@@ -156,6 +158,9 @@ def run_process(argv: list[str], log_path: Path, log=print) -> dict:
                 passed = True
             time.sleep(0.2)
     code = os.waitstatus_to_exitcode(status)
+    cost = {"wall_seconds": time.perf_counter() - t0, "peak_memory_gib": usage.ru_maxrss / 2**20}
+    with open(log_path.parent / SEGMENTS, "a") as f:  # every run of the arm, interrupted or not, counts
+        f.write(json.dumps({**cost, "exit": code}) + "\n")
     if stops.signum:
         message = f"stopped: {log_path.parent} saved what it had; run the same command again to resume"
         log(message)
@@ -164,7 +169,7 @@ def run_process(argv: list[str], log_path: Path, log=print) -> dict:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise UserError(f"`llm-modules {' '.join(argv[:3])} ...` stopped with exit code {code}; the last lines of "
                         f"{log_path}:\n  " + "\n  ".join(tail))
-    return {"wall_seconds": time.perf_counter() - t0, "peak_memory_gib": usage.ru_maxrss / 2**20}
+    return cost
 
 
 def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], log=print) -> dict:
@@ -179,7 +184,10 @@ def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], log
         "finetune", "--config", str(out / "arm.yaml"), "--method", arm.method, "--base", arm.base,
         *(["--target-params", str(target_params)] if arm.method == "lora" else [])]
     log(f"  training {arm.name} ({'; '.join(argv[:1] + argv[3:])}) -> {out}")
-    cost = run_process(argv, out / "train.log", log)
+    run_process(argv, out / "train.log", log)
+    runs = [json.loads(ln) for ln in (out / SEGMENTS).read_text().splitlines() if ln.strip()]
+    cost = {"wall_seconds": sum(r["wall_seconds"] for r in runs), "runs": len(runs),  # a resumed arm: all its runs
+            "peak_memory_gib": max(r["peak_memory_gib"] for r in runs)}
     from .loading import load_for_eval
 
     model = load_for_eval(out)[0]
@@ -240,7 +248,7 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
                    log=print) -> dict:
     t_start = time.perf_counter()
     table = QUICK if quick else SUITES
-    results: dict = {"quick": quick, "suites": {}}
+    results: dict = {"quick": quick, "suites": {}, "arm_order": list(ARMS)}
     for name in suites:
         suite = table[name]
         log(f"\n=== suite {name}: {suite.steps} steps of batch {suite.batch_size}; tests {suite.tests} ===")

@@ -24,8 +24,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .backbones import hidden_size, hidden_states_at
-from .checkpoint import atomic_write_json, save_tensors
+from .backbones import hidden_size, hidden_states_at, positions_from_mask
+from .checkpoint import save_tensors
+from .files import atomic_write_json
 from .errors import UserError
 from .interrupt import Interrupted, StopRequests, signal_name
 
@@ -168,8 +169,6 @@ def build_split(large, cfg, examples, split: str, *, batch_tokens: int = 4096, l
 def _compute(large, layer: int, examples, first: int, batch_tokens: int, dtype, bar,
              stops: Optional[StopRequests] = None) -> Optional[dict[str, torch.Tensor]]:
     """States of one shard's examples, batched by length; None as soon as `stops` records a signal."""
-    from .model import positions_from_mask
-
     seqs = [large_ids(e) for e in examples]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out: dict[str, torch.Tensor] = {}

@@ -66,6 +66,7 @@ class Step:
     finished: torch.Tensor  # (B,) bool, True once a row has stopped (including this step)
 
 
+# The decode loop, read top to bottom in one place; its signature is 15 of its lines.
 @torch.no_grad()
 def stream(
     model,
@@ -140,7 +141,7 @@ def stream(
 def prompt_batch(model, conversations: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Prompts formatted exactly as training formatted them: left-padded ids and mask in the output tokenizer, and
     for coupling "prompt" the memory (the same prompts in the large tokenizer) as model kwargs."""
-    from .data import pad
+    from .vocab import pad
     from .prompts import encode_prompt, with_system_prompt
 
     data = model.config.data
@@ -148,7 +149,7 @@ def prompt_batch(model, conversations: list[list[dict]]) -> tuple[torch.Tensor, 
     ids, mask = pad([encode_prompt(c, data.format, model.tokenizer) for c in convs], model.tokenizer.pad_token_id,
                        left=True)
     extra = {}
-    if model.config.coupling == "prompt":
+    if model.bridge.memory:  # the large model reads the prompt in its own tokenizer
         mem_ids, mem_mask = pad([encode_prompt(c, data.format, model.large_tokenizer) for c in convs], 0, left=False)
         extra = {"memory_ids": mem_ids, "memory_mask": mem_mask}
     return ids, mask, extra

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .loading import load_for_eval
-from .model import positions_from_mask
+from .backbones import positions_from_mask
 
 MODEL_NAME = "llm-modules"
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class LLMModulesLM(TemplateLM):
     # ---- scoring -------------------------------------------------------------------------------------------
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (ids, mask): rows aligned at the right end so their last tokens line up."""
-        from .data import pad
+        from .vocab import pad
 
         ids, mask = pad(rows, self.pad_id, left=True)
         return ids.to(self.device), mask.to(self.device)

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import (
-    drop_token_embeddings,
     freeze,
     hidden_size,
     hidden_states_at,
@@ -25,12 +24,12 @@ from .backbones import (
     load_hf_config,
     load_model_tokenizer,
     load_small_tokenizer,
+    positions_from_mask,
     seeded,
 )
-from .bridge import Bridge
-from .prompt_coupling import PromptBridge, attach, block_list
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_tensors, save_tensors
 from .config import LLMModulesConfig
+from .couplings import COUPLINGS
 from .errors import UserError, collect
 from .row_split import split_rows
 from .kv_cache import LLMModulesCache
@@ -47,11 +46,6 @@ class LLMModulesOutput:
     loss_sum: Optional[torch.Tensor] = None  # summed over target tokens (token-weighted averaging across batches)
     num_targets: int = 0
     target_logits: Optional[torch.Tensor] = None  # (N, V) at the N labelled positions (return_logits=False)
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, S) 0/1 -> (B, S) positions counting only real tokens, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -79,26 +73,12 @@ class LLMModules(nn.Module):
         self.tokenizer = tokenizer  # the tokenizer of the model's output vocabulary
         # What the large model reads: the same tokenizer, except for coupling "prompt" (the small one has its own).
         self.large_tokenizer = large_tokenizer or tokenizer
-        self.large = freeze(large) if large is not None and config.coupling != "none" else None
-        if config.coupling == "prompt":
-            head, small = small.get_output_embeddings(), small.base_model
-            d_small = hidden_size(small.config)
-            self.bridge = PromptBridge(hidden_size(large_config or large.config), d_small,
-                                       len(block_list(small)), config.bridge)
-            attach(small, self.bridge)
-        else:
-            d_small = hidden_size(small.config)
-            if config.coupling == "none":
-                # The baseline: the small model alone, reading tokens through its own table over the same vocabulary.
-                self.bridge = None
-                small.set_input_embeddings(nn.Embedding(vocab_size, d_small))
-            else:
-                self.bridge = Bridge(hidden_size(large_config or large.config), d_small, config.bridge)
-                drop_token_embeddings(small)
-            head = nn.Linear(d_small, vocab_size, bias=False)
-        self.small = small
-        self.lm_head = head
-        self.position_limits = {"small": learned_position_limit(small)}
+        coupling = COUPLINGS[config.coupling]
+        self.large = freeze(large) if large is not None and coupling.reads_large else None
+        # The coupling is held as `bridge`, the name its tensors carry in checkpoints (couplings.py).
+        self.bridge, self.small, self.lm_head = coupling.build(config, hidden_size(large_config or large.config),
+                                                               small, vocab_size)
+        self.position_limits = {"small": learned_position_limit(self.small)}
         if self.large is not None:
             self.position_limits["large"] = learned_position_limit(large)
         # one-token steps use every CPU thread, frozen wide weights are stored column-major (row_split.py)
@@ -110,19 +90,20 @@ class LLMModules(nn.Module):
         """Build the model a config describes; random parts are seeded from `config.bridge.seed`.
         load_large=False skips the large model (training from the feature cache needs only its config)."""
         seed = config.bridge.seed
-        if config.coupling == "none" or not load_large:  # never runs the large model: read its config only
+        coupling = COUPLINGS[config.coupling]  # the one place a coupling is chosen
+        if not coupling.reads_large or not load_large:  # never runs the large model: read its config only
             large, large_config = None, load_hf_config(config.large, "large")
         else:
             large = load_frozen_large(config.large)
             large_config = large.config
-        prompt = config.coupling == "prompt"
+        own = coupling.own_vocabulary  # the small model keeps its head, tokenizer and vocabulary
         small = load_backbone(config.small, pretrained=config.small.pretrained, seed=seed + 2, where="small",
-                              with_head=prompt)
+                              with_head=own)
         if tokenizer is None:
             tokenizer = load_model_tokenizer(config)
-        out_tokenizer = load_small_tokenizer(config) if prompt else tokenizer
-        vocab_size = (resolve_vocab_size(config, tokenizer, large_config.vocab_size) if not prompt
-                      else small.get_output_embeddings().out_features)
+        out_tokenizer = load_small_tokenizer(config) if own else tokenizer
+        vocab_size = (small.get_output_embeddings().out_features if own
+                      else resolve_vocab_size(config, tokenizer, large_config.vocab_size))
         check_source_layer(config.large.layer, large_config)
         with seeded(seed):
             model = cls(config.replace(vocab_size=vocab_size), large, small, vocab_size, out_tokenizer, large_config,
@@ -198,21 +179,10 @@ class LLMModules(nn.Module):
         small_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids,
                             cache=cache.small if cache is not None else None, use_cache=cache is not None)
 
-        if self.config.coupling == "prompt":
-            kv, mem_mask = self._memory(memory_ids, memory_mask, source_states, cache)
-            with self.bridge.bound(kv, mem_mask):
-                h = self.small(input_ids=input_ids, **small_kwargs).last_hidden_state  # (B, T, D_S)
-        else:
-            if self.bridge is None:
-                x = self.small.get_input_embeddings()(input_ids)  # (B, T, D_S): the small-alone baseline
-            else:
-                if source_states is None:
-                    source_states = self.source_states(
-                        input_ids, attention_mask, position_ids, cache.large if cache is not None else None
-                    )
-                x = self.bridge(source_states.to(self.lm_head.weight.dtype), attention_mask,
-                                cache.bridge if cache else None)
-            h = self.small(inputs_embeds=x, **small_kwargs).last_hidden_state  # (B, T, D_S)
+        inputs, context = self.bridge.small_inputs(self, input_ids, attention_mask, position_ids, source_states, cache,
+                                                   memory_ids, memory_mask)
+        with context:
+            h = self.small(**inputs, **small_kwargs).last_hidden_state  # (B, T, D_S)
         if labels is not None and not return_logits:
             targets = labels[:, 1:]
             keep = targets != -100  # (B, T-1)
@@ -224,25 +194,6 @@ class LLMModules(nn.Module):
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return LLMModulesOutput(logits=logits, loss=loss, cache=cache)
-
-    def _memory(self, memory_ids, memory_mask, memory_states, cache) -> tuple[list, torch.Tensor]:
-        """Per-layer keys/values over the prompt memory: from the cache after prefill (the large model is not
-        called again), else computed from the large model's states (or given states) and stored in the cache."""
-        if cache is not None and cache.memory_mask is not None:
-            return list(zip(cache.bridge.keys, cache.bridge.values)), cache.memory_mask
-        if memory_mask is None:
-            ref = memory_ids if memory_ids is not None else memory_states
-            if ref is None:
-                raise ValueError("coupling 'prompt' needs memory_ids (the prompt in the large tokenizer) or states")
-            memory_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
-        if memory_states is None:
-            memory_states = self.source_states(memory_ids, memory_mask, positions_from_mask(memory_mask))
-        kv = self.bridge.keys_values(memory_states.to(self.lm_head.weight.dtype))
-        if cache is not None:
-            for i, (k, v) in enumerate(kv):
-                cache.bridge.update(i, k, v)
-            cache.memory_mask = memory_mask
-        return kv, memory_mask
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """New token ids (B, N) after a left-padded prompt batch; see generate.generate for the arguments
@@ -256,7 +207,7 @@ class LLMModules(nn.Module):
         return generate(self, input_ids, attention_mask, **kwargs)
 
     def new_cache(self) -> LLMModulesCache:
-        return LLMModulesCache.empty(len(self.bridge.layers) if self.bridge is not None else 0)
+        return LLMModulesCache.empty(self.bridge.cache_layers)
 
     def check_length(self, length: int) -> None:
         for role, limit in self.position_limits.items():
@@ -298,7 +249,7 @@ class LLMModules(nn.Module):
         return {
             "large": self.config.large.identity,
             "coupling": self.config.coupling,
-            "large_hidden": self.bridge.pre_proj.in_features if self.bridge is not None else None,
+            "large_hidden": self.bridge.large_hidden,
             "small_hidden": hidden_size(self.small.config),
             "vocab_size": self.lm_head.out_features,
         }

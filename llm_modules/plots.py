@@ -16,7 +16,7 @@ def plot_metrics(runs: dict[str, Path], out: Path, title: str = "loss per target
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, path) in enumerate(runs.items()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text
 from .tasks import proportion
 
 FACTS_FLOOR = 0.10  # facts: relations where the large model alone scores above this are the headline
@@ -19,11 +19,10 @@ def facts_relations(out: Path) -> list[str]:
     return sorted(rel for rel, v in by_rel.items() if sum(v) / len(v) > FACTS_FLOOR)
 
 
-def ordered(arms: dict) -> dict:
-    """Arms in the experiment's order (results.json stores them sorted by name)."""
-    from .experiment import ARMS
-
-    return {a: arms[a] for a in [*ARMS, *sorted(arms)] if a in arms}
+def ordered(results: dict, suite: str) -> dict:
+    """The suite's arms in the experiment's order (results["arm_order"]; results.json stores arms sorted by name)."""
+    arms = results["suites"][suite]
+    return {a: arms[a] for a in [*results.get("arm_order", []), *sorted(arms)] if a in arms}
 
 
 def _rows(path: Path) -> list[dict]:
@@ -51,7 +50,7 @@ def _acc(s: dict) -> str:
 
 
 def suite_table(results: dict, out: Path, suite: str) -> str:
-    arms = ordered(results["suites"][suite])
+    arms = ordered(results, suite)
     head = headline(results, out, suite)
     tasks = [t for t in dict.fromkeys(t for r in arms.values() for t in r["eval"])]
     cols = ["arm", "trainable params", "train min", "peak GiB", *(
@@ -76,7 +75,7 @@ def suite_table(results: dict, out: Path, suite: str) -> str:
 
 def curve_table(results: dict, suite: str) -> str:
     """The learning curves as numbers: held-out accuracy per kept step (facts: also on answers never seen)."""
-    arms = {n: r["curve"] for n, r in ordered(results["suites"][suite]).items() if r.get("curve")}
+    arms = {n: r["curve"] for n, r in ordered(results, suite).items() if r.get("curve")}
     lines = ["| arm | step | held-out accuracy | answers never seen in training |", "|---|---|---|---|"]
     for name, pts in arms.items():
         lines += [f"| {name} | {p['step']} | {_acc(p)} | "
@@ -90,7 +89,7 @@ def plot_curves(results: dict, out: Path, suite: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = ordered(results["suites"][suite])
+    arms = ordered(results, suite)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, r) in enumerate((n, r) for n, r in arms.items() if r.get("curve")):
         pts = r["curve"]
@@ -116,7 +115,7 @@ def plot_frontier(results: dict, out: Path, suite: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = ordered(results["suites"][suite])
+    arms = ordered(results, suite)
     head = headline(results, out, suite)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, r) in enumerate(arms.items()):

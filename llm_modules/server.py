@@ -343,7 +343,7 @@ class Engine:
         self.eos = {int(e) for e in eos if e is not None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos)
         self.threads = torch.get_num_threads()  # OpenMP settings are per thread: the worker sets the same
-        self.prompt_coupling = not large_only and model.config.coupling == "prompt"
+        self.prompt_coupling = not large_only and model.bridge.memory
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._held = False
@@ -491,7 +491,7 @@ class Engine:
     def _inputs(self, batch: list[Job]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Left-padded prompt ids and mask, and the right-padded memory of the prompt coupling, as prompt_batch
         builds them."""
-        from .data import pad
+        from .vocab import pad
 
         ids, mask = pad([j.ids for j in batch], self.pad, left=True)
         extra = {}
@@ -560,7 +560,7 @@ class LargeOnly(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache=None, logits_to_keep: int = 0,
                 **unused):
-        from .model import positions_from_mask
+        from .backbones import positions_from_mask
 
         positions = positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
@@ -632,6 +632,7 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+# Long by FastAPI's idiom: the routes are closures over the engine, each handler a few lines.
 def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`; the engine's worker runs while the app does."""
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .backbones import load_frozen_large
 from .config import LLMModulesConfig
+from .couplings import COUPLINGS
 from .data import DataBundle, LengthGroupedBatches, collate, load_data
 from .distill import Distill, load_teacher_head
 from .errors import UserError
@@ -78,7 +79,7 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     t = cfg.train
-    if t.distill_weight > 0 and (t.feature_cache != "auto" or cfg.coupling == "prompt"):
+    if t.distill_weight > 0 and (t.feature_cache != "auto" or COUPLINGS[cfg.coupling].memory):
         raise UserError("train.distill_weight: distillation reads the large model's states of the whole sequence "
                         "from the feature cache: set train.feature_cache: auto (coupling: none or stream)")
     if t.num_threads:
@@ -142,7 +143,7 @@ def build_model_and_features(cfg, data, tokenizer, model, log):
     """The model, and with train.feature_cache: auto the large model's states read from disk: a missing cache is
     filled once by the frozen large backbone, which is then released (the model is built without it). No cache
     when nothing reads those states (the small model alone, without distillation) or with feature_cache: off."""
-    reads_states = cfg.coupling != "none" or cfg.train.distill_weight > 0
+    reads_states = COUPLINGS[cfg.coupling].reads_large or cfg.train.distill_weight > 0
     if cfg.train.feature_cache != "auto" or not reads_states:
         return model or LLMModules.from_config(cfg, tokenizer=tokenizer), None
     found = features_mod.available(cfg, data)
@@ -358,7 +359,8 @@ def _loss_sum(run: Run, split: str, indices: list[int], pad: int, training: bool
         source = run.features[split].batch(indices, length).to(dev)
     try:
         out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                        source_states=source if run.cfg.coupling != "none" else None, return_logits=False, **memory)
+                        source_states=source if COUPLINGS[run.cfg.coupling].reads_large else None, return_logits=False,
+                        **memory)
         return run.objective(out, source, batch["labels"]) if training and run.objective else out.loss_sum
     except torch.OutOfMemoryError:
         raise _out_of_memory(*batch["input_ids"].shape) from None

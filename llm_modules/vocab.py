@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from .errors import UserError
 
 BYTE_LEVEL = "byte-level"
@@ -71,3 +73,15 @@ def byte_level_tokenizer():
                                   additional_special_tokens=[IM_START], clean_up_tokenization_spaces=False)
     tok.chat_template = CHATML_TEMPLATE
     return tok
+
+
+def pad(rows: list[list[int]], pad_id: int, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) (B, longest row): rows padded with `pad_id` on the left (prompts: every row's next
+    token comes at the same step) or on the right."""
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        sl = slice(T - len(r), T) if left else slice(0, len(r))
+        ids[b, sl], mask[b, sl] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from .couplings import StreamCoupling
 from .errors import UserError
 from .prompt_coupling import block_list
 
@@ -110,7 +111,7 @@ def warm_start(model, head: torch.Tensor, states: torch.Tensor, *, ridge: float 
     (V_large, D_L) predicts, fitted on the large model's final states `states` (N, D_L) of the training data.
     `constant`: the size of a constant channel added to the projection (relative to the median |P s|), so the
     final norm's division by |P s| varies less from token to token. Returns what was done."""
-    if model.bridge is None or not hasattr(model.bridge, "proj"):
+    if not isinstance(model.bridge, StreamCoupling):
         raise UserError("bridge.init: large applies to coupling: stream (the paper's bridge)")
     V = model.lm_head.out_features
     W = head[:V]  # the large model's logits over the tokens the output vocabulary has

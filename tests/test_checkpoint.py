@@ -7,7 +7,8 @@ from tiny import LARGE, SMALL, tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from llm_modules import LLMModules, LLMModulesConfig, UserError
-from llm_modules.checkpoint import WEIGHTS_NAME, atomic_write_text, load_tensors
+from llm_modules.checkpoint import WEIGHTS_NAME, load_tensors
+from llm_modules.files import atomic_write_text
 
 
 def _roundtrip(cfg, tmp_path):
@@ -91,9 +92,26 @@ def test_atomic_write_keeps_old_file_when_the_write_fails(tmp_path):
         p.write_text("half")
         raise RuntimeError("killed")
 
-    from llm_modules.checkpoint import atomic_write
+    from llm_modules.files import atomic_write
 
     with pytest.raises(RuntimeError):
         atomic_write(target, boom)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+@pytest.mark.parametrize("coupling", ["stream", "none", "prompt"])
+def test_checkpoints_saved_before_the_couplings_refactor_load_and_predict_the_same(coupling):
+    """Tiny checkpoints (perturbed weights) saved by the code before couplings.py (commit 4fc9ee2), with the logits
+    that code computed: the current code loads them and computes the same logits."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    d = Path(__file__).parent / "fixtures" / "pre-couplings" / coupling
+    expected = load_file(str(d / "expected.safetensors"))
+    model = LLMModules.from_pretrained(d).eval()
+    memory = {k: expected[k] for k in ("memory_ids", "memory_mask") if k in expected}
+    with torch.no_grad():
+        logits = model(expected["input_ids"], **memory).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)

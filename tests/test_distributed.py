@@ -392,7 +392,7 @@ def test_one_process_checkpoint_resumes_sharded_in_two(one_proc, tmp_path):
 
     two = _run_two(tmp_path, _fsdp_env(), resume_from=one_proc["at_k"], max_steps=2 * K)
     assert all(r["sharded"] == ["DTensor"] and r["exit_code"] == 0 for r in two["ranks"]), two["ranks"]
-    assert f"resumed from" in two["stdout"] + two["stderr"]
+    assert "resumed from" in two["stdout"] + two["stderr"]
     assert [r["step"] for r in _metrics(two["out"])] == list(range(2 * K + 1))
     _assert_same_weights(_weights(two["out"], 2 * K), one_proc["w_2k"], load_file(str(one_proc["grads"])))
 

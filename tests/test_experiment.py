@@ -64,6 +64,10 @@ def test_sigterm_stops_the_arm_being_trained_and_a_rerun_resumes(tmp_path):
     assert "resumed from" in (metrics.parent / "train.log").read_text()
     steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
     assert steps[-1] == 8 and steps == sorted(set(steps))  # every step once, to the end
+    runs = [json.loads(ln) for ln in (metrics.parent / "train.runs.jsonl").read_text().splitlines()]
+    cost = json.loads((metrics.parent / "train.json").read_text())
+    assert [r["exit"] for r in runs] == [143, 0] and cost["runs"] == 2  # the interrupted run's time counts too
+    assert cost["wall_seconds"] == sum(r["wall_seconds"] for r in runs)
 
 
 def test_unknown_arm_or_suite_is_a_clear_error(capsys):

@@ -191,7 +191,7 @@ def test_bad_source_layer_is_rejected():
 def test_small_alone_baseline_has_its_own_embeddings_and_no_large_model():
     alone = build(tiny_config().replace(coupling="none"))
     combined = build()
-    assert alone.large is None and alone.bridge is None
+    assert alone.large is None and not list(alone.bridge.parameters())  # no large model, no bridge weights
     names = {n for n, _ in alone.trainable_named_parameters()}
     assert "small.wte.weight" in names and not any(n.startswith("bridge.") for n in names)
     assert alone.small.wte.weight.shape == (96, 32)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from llm_modules import facts, tasks
+from llm_modules import benchmark_data, facts, tasks
 from llm_modules.__main__ import main
 
 try:
-    DATA = tasks.find_data_dir()
+    DATA = benchmark_data.find_data_dir()
 except Exception:  # noqa: BLE001  (UserError: no data dir here)
     DATA = None
 needs_data = pytest.mark.skipif(DATA is None, reason="benchmark data not found (../shared/data or $LLM_MODULES_DATA)")
@@ -47,11 +47,11 @@ def test_facts_split_is_by_subject_and_stable_under_a_seed():
 
 @needs_data
 def test_facts_from_the_shared_data_keep_held_out_subjects_out_of_training():
-    train, test = tasks.facts_split(DATA)
+    train, test = benchmark_data.facts_split(DATA)
     assert len({f.relation for f in test}) == 27  # 26 relations + the country -> capital table
     held_out = {facts.normalize(f.subject) for f in test}
     assert held_out and held_out.isdisjoint(facts.normalize(f.subject) for f in train)
-    records = tasks.train_records(["facts"], str(DATA))
+    records = benchmark_data.train_records(["facts"], str(DATA))
     assert len(records) == len(train)
     asked = {r[2][0]["content"] for r in records}
     assert not any(f.question() in asked for f in test)
@@ -116,7 +116,7 @@ def test_large_only_and_an_arm_answer_through_the_same_function(checkpoint, monk
     for large_only in (False, True):
         rows, (summary,) = tasks.evaluate_tasks(str(checkpoint), ["facts"], large_only=large_only, limit=3,
                                                 batch_size=2, max_new_tokens=4, log=lambda *a: None)
-        assert [r["id"] for r in rows] == [f"facts/{f.relation}/{f.subject}" for f in tasks.facts_split(DATA)[1][:3]]
+        assert [r["id"] for r in rows] == [f"facts/{f.relation}/{f.subject}" for f in benchmark_data.facts_split(DATA)[1][:3]]
         assert summary["n"] == 3 and summary["large_only"] is large_only and 0 <= summary["accuracy"] <= 1
         assert set(summary["per_relation"]) == {r["relation"] for r in rows}
     assert seen == ["ArmGenerator", "HFGenerator"]

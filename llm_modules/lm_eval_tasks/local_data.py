@@ -1,7 +1,7 @@
 """Datasets of the shipped lm-eval tasks, read from the local data dir instead of the hub.
 
 The data dir is the task metadata's `data_dir` (set by `llm-modules eval --data-dir` / `--metadata` on lm-eval's
-command line), else what llm_modules.tasks.find_data_dir finds ($LLM_MODULES_DATA, ../shared/data, ...).
+command line), else what llm_modules.benchmark_data.find_data_dir finds ($LLM_MODULES_DATA, ../shared/data, ...).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import datasets
 
 
 def _rows(relative: str, task: str, data_dir: Optional[str]) -> list[dict]:
-    from llm_modules.tasks import data_file, find_data_dir, read_jsonl
+    from llm_modules.benchmark_data import data_file, find_data_dir, read_jsonl
 
     return read_jsonl(data_file(find_data_dir(data_dir), relative, task))
 
