@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .files import atomic_write, atomic_write_text
 from .tasks import proportion
 
 FACTS_FLOOR = 0.10  # facts: relations where the large model alone scores above this are the headline
+# Arms compared item by item (the same questions), when both have been evaluated: (arm, the arm it is compared with).
+PAIRS = (("combined-large-wide-kd", "combined-large-wide"), ("combined-large-wide", "large-alone"),
+         ("combined-large-wide-kd", "large-alone"), ("lora", "large-alone"), ("prompt-smollm", "smollm-ft"))
 
 
 def facts_relations(out: Path) -> list[str]:
@@ -43,6 +47,33 @@ def headline(results: dict, out: Path, suite: str) -> dict[str, dict]:
         rels = facts_relations(out)
         return {a: restricted(out, suite, a, rels) for a in arms}
     return {a: r["eval"][suite] for a, r in arms.items() if suite in r["eval"]}
+
+
+def sign_test(a_only: int, b_only: int) -> float:
+    """Two-sided exact p of the paired sign test (exact McNemar): how often a split of the discordant items at
+    least this uneven happens when neither arm is better."""
+    n, k = a_only + b_only, min(a_only, b_only)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
+def paired_table(out: Path, suite: str, task: str) -> str:
+    """PAIRS compared on the same items of `task`: items only the first arm gets right, only the second, and the
+    sign test's p (for facts, also on the answers never seen in training)."""
+    lines = ["| arm | compared with | items | right only in the arm | right only in the other | p (exact, two-sided) |",
+             "|---|---|---|---|---|---|"]
+    for a, b in PAIRS:
+        rows = [{r["id"]: r for r in _rows(out / suite / arm / "eval" / f"{task}.jsonl")} for arm in (a, b)]
+        if not rows[0] or not rows[1]:
+            continue
+        subsets = [("all", lambda r: True)]
+        if task == "facts":
+            subsets.append(("answers never seen in training", lambda r: not r["answer_in_train"]))
+        for name, keep in subsets:
+            ids = [i for i, r in rows[0].items() if keep(r) and i in rows[1]]
+            a_only = sum(rows[0][i]["correct"] and not rows[1][i]["correct"] for i in ids)
+            b_only = sum(rows[1][i]["correct"] and not rows[0][i]["correct"] for i in ids)
+            lines.append(f"| {a} | {b} | {name} ({len(ids)}) | {a_only} | {b_only} | {sign_test(a_only, b_only):.4f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _acc(s: dict) -> str:
@@ -144,6 +175,9 @@ def write_report(results: dict, out: Path) -> str:
             parts.append("Known relations (the large model alone above 10%): " + ", ".join(rels) + ". The floor of "
                          "their prior on the same questions: "
                          + _acc(restricted(out, suite, "large-alone", rels, "prior_correct")) + ".")
+        paired = paired_table(out, suite, suite)
+        if paired:
+            parts.append("Paired comparisons on the same items:\n\n" + paired)
         if any(r.get("curve") for r in results["suites"][suite].values()):
             parts.append("Learning curves:\n\n" + curve_table(results, suite))
             plot_curves(results, out, suite, out / f"curves-{suite}.png")

@@ -87,3 +87,21 @@ def test_quick_experiment_on_real_weights(tmp_path):
     assert set(results) == {"facts", "gsm8k"}
     for suite in results.values():
         assert len(suite) == 8
+
+
+def test_paired_comparison_counts_discordant_items_and_gives_the_exact_sign_test(tmp_path):
+    from llm_modules.report import paired_table, sign_test
+
+    assert sign_test(11, 2) == 2 * (1 + 13 + 78) / 2**13  # P(X <= 2 | 13 fair coins), both tails
+    assert sign_test(0, 0) == 1.0 and sign_test(4, 4) == 1.0 and sign_test(0, 6) == 2 / 2**6
+    rows = {"combined-large-wide-kd": [True, True, False, True], "combined-large-wide": [False, True, True, False]}
+    for arm, flags in rows.items():
+        d = tmp_path / "facts" / arm / "eval"
+        d.mkdir(parents=True)
+        (d / "facts.jsonl").write_text("".join(
+            json.dumps({"id": f"q{i}", "correct": c, "answer_in_train": i < 2}) + "\n" for i, c in enumerate(flags)))
+    table = paired_table(tmp_path, "facts", "facts").splitlines()
+    assert table[2] == "| combined-large-wide-kd | combined-large-wide | all (4) | 2 | 1 | 1.0000 |"
+    assert table[3] == ("| combined-large-wide-kd | combined-large-wide | answers never seen in training (2) | 1 | 1 "
+                        "| 1.0000 |")
+    assert len(table) == 4  # pairs with an arm not evaluated are left out
