@@ -27,7 +27,20 @@ from .bridge import Bridge
 from .prompt_coupling import PromptBridge, attach, block_list
 
 
-class StreamCoupling(Bridge):
+class CrossAttending:
+    """What the two couplings with cross-attention layers over the large model's states (read through `pre_proj`)
+    tell the model: the layers the decoding cache keeps and the large width they read."""
+
+    @property
+    def cache_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def large_hidden(self) -> Optional[int]:
+        return self.pre_proj.in_features
+
+
+class StreamCoupling(CrossAttending, Bridge):
     """The paper's coupling: large-side states of every position -> the bridge -> the small model's inputs."""
 
     reads_large, own_vocabulary, memory = True, False, False
@@ -48,14 +61,6 @@ class StreamCoupling(Bridge):
         x = self(source_states.to(model.lm_head.weight.dtype), attention_mask, cache.bridge if cache else None)
         return {"inputs_embeds": x}, contextlib.nullcontext()  # (B, T, D_S)
 
-    @property
-    def cache_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def large_hidden(self) -> Optional[int]:
-        return self.pre_proj.in_features
-
 
 class SmallAlone(nn.Module):
     """The baseline: the small model alone, reading tokens through its own table over the same vocabulary. Holds no
@@ -75,7 +80,7 @@ class SmallAlone(nn.Module):
         return {"inputs_embeds": model.small.get_input_embeddings()(input_ids)}, contextlib.nullcontext()
 
 
-class PromptCoupling(PromptBridge):
+class PromptCoupling(CrossAttending, PromptBridge):
     """The prompt coupling: the small causal LM kept whole (its head included) with gated memory attention."""
 
     reads_large, own_vocabulary, memory = True, True, True
@@ -111,14 +116,6 @@ class PromptCoupling(PromptBridge):
                 cache.bridge.update(i, k, v)
             cache.memory_mask = memory_mask
         return kv, memory_mask
-
-    @property
-    def cache_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def large_hidden(self) -> Optional[int]:
-        return self.pre_proj.in_features
 
 
 COUPLINGS: dict[str, type] = {"stream": StreamCoupling, "prompt": PromptCoupling, "none": SmallAlone}
