@@ -26,9 +26,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from .files import atomic_write_json, atomic_write_text
 from .config import LLMModulesConfig
 from .errors import UserError
+from .files import atomic_write_json, atomic_write_text
 
 SEGMENTS = "train.runs.jsonl"  # one line per training process of an arm: its wall time, peak memory, exit status
 SMOLLM = {"name_or_path": "smollm2-135m-instruct", "config": None, "pretrained": True, "overrides": {}}

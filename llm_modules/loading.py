@@ -43,10 +43,10 @@ def load_for_eval(checkpoint: Union[str, Path], large_only: bool = False):
     baseline (a Hugging Face causal LM), or with `large_only` the checkpoint's large model alone with its own LM head
     (`checkpoint` may then also be a config YAML). The context length is the smallest learned position table, else
     the large model's max_position_embeddings (large alone), else data.max_length."""
+    from .backbones import load_model_tokenizer
     from .checkpoint import CONFIG_NAME
     from .config import LLMModulesConfig
     from .finetune import is_finetuned, load_finetuned
-    from .backbones import load_model_tokenizer
     from .model import LLMModules
 
     path = Path(checkpoint)
