@@ -22,6 +22,7 @@ from common import describe_machine, machine, time_stream, write_json  # noqa: E
 from llm_modules.config import load_config  # noqa: E402
 from llm_modules.backbones import resolve_path  # noqa: E402
 from llm_modules.model import LLMModules  # noqa: E402
+from llm_modules.row_split import prepare_for_cpu_decoding  # noqa: E402
 
 
 def timed_decode(model, ids, new_tokens: int, **kw) -> dict:
@@ -46,11 +47,11 @@ def main() -> int:
     print(describe_machine(m))
     base = load_config(args.config, [("large.name_or_path", args.large)])
     base = base.replace(small={"config": {**base.small.config, "max_position_embeddings": 2048}})
-    stream_model = LLMModules.from_config(base).eval()
+    stream_model = prepare_for_cpu_decoding(LLMModules.from_config(base))
     V = stream_model.lm_head.out_features
     prompt_cfg = base.replace(coupling="prompt", small_tokenizer=resolve_path(base.large),
                               small={"config": {**base.small.config, "vocab_size": V}}, bridge={"every": 2})
-    prompt_model = LLMModules.from_config(prompt_cfg, load_large=False).eval()
+    prompt_model = prepare_for_cpu_decoding(LLMModules.from_config(prompt_cfg, load_large=False))
     prompt_model.large = stream_model.large  # one copy of the large model serves both
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, min(V, 150000), (1, args.prompt_tokens), generator=g)

@@ -35,13 +35,15 @@ def main(argv=None) -> int:
     set_threads(a.threads)
     from llm_modules import LLMModules, LLMModulesConfig
     from llm_modules.loading import load_for_eval
+    from llm_modules.row_split import prepare_for_cpu_decoding
     from llm_modules.tasks import ArmGenerator, HFGenerator, decode_speed
 
     if a.checkpoint:
         combined = load_for_eval(a.checkpoint)[0]
         source = a.checkpoint
     else:
-        combined, source = LLMModules.from_config(LLMModulesConfig.from_yaml(a.config)), a.config
+        combined = prepare_for_cpu_decoding(LLMModules.from_config(LLMModulesConfig.from_yaml(a.config)))
+        source = a.config
     lm, tok, _, _ = load_for_eval(source, large_only=True)
     arms = {"combined (eval --task, cached decoding)": ArmGenerator(combined.eval()),
             "large model alone (transformers generate)": HFGenerator(lm.eval(), tok)}

@@ -34,8 +34,8 @@ def set_layout(layers, column_major: bool) -> None:
 
 
 def stack_table(stacks: dict, xs: dict, threads: list[int], repeats: int) -> str:
-    """F.linear vs RowSplitLinear with the layouts split_rows chooses, whole stacks."""
-    from llm_modules.row_split import split_rows
+    """F.linear vs RowSplitLinear with the layouts prepare_for_cpu_decoding chooses, whole stacks."""
+    from llm_modules.row_split import prepare_for_cpu_decoding
 
     big = torch.randn(1_400_000_000 // 4)
     rows = []
@@ -44,12 +44,9 @@ def stack_table(stacks: dict, xs: dict, threads: list[int], repeats: int) -> str
         for name, layers in stacks.items():
             gb = sum(m.weight.numel() for m in layers) * 4 / 1e9
             set_layout(layers, False)
-            for m in layers:
-                m.__class__ = torch.nn.Linear
             plain = best_of(lambda: [F.linear(xs[m.in_features], m.weight) for m in layers], repeats)
-            for m in layers:
-                split_rows(m)
-            split = best_of(lambda: [m(xs[m.in_features]) for m in layers], repeats)
+            prepared = list(prepare_for_cpu_decoding(torch.nn.ModuleList(layers)))  # the same weights
+            split = best_of(lambda: [m(xs[m.in_features]) for m in prepared], repeats)
             rows.append([n, name, f"{gb:.2f}", f"{plain * 1e3:.1f}", f"{gb / plain:.1f}", f"{split * 1e3:.1f}",
                          f"{gb / split:.1f}", f"{plain / split:.2f}x"])
         t = best_of(big.sum, repeats)
@@ -60,7 +57,7 @@ def stack_table(stacks: dict, xs: dict, threads: list[int], repeats: int) -> str
 
 def layout_table(stacks: dict, threads: list[int], repeats: int, n_rows: int) -> str:
     """Per shape (all 24 matrices of it, or the head): RowSplitLinear over a row-major vs a column-major weight."""
-    from llm_modules.row_split import is_wide, split_rows
+    from llm_modules.row_split import is_wide, prepare_for_cpu_decoding
 
     groups = {f"{o} x {i}": stacks["0.5B layer stack"][k::len(LAYER)] for k, (o, i) in enumerate(LAYER)
               if k in (0, 1, 4, 6)}  # q (o alike), k (v alike), gate (up alike), down
@@ -69,7 +66,7 @@ def layout_table(stacks: dict, threads: list[int], repeats: int, n_rows: int) ->
     for n in threads:
         set_threads(n)
         for name, layers in groups.items():
-            split_rows(torch.nn.ModuleList(layers))
+            layers = list(prepare_for_cpu_decoding(torch.nn.ModuleList(layers)))  # RowSplitLinears, same weights
             one, many = torch.randn(1, layers[0].in_features), torch.randn(n_rows, layers[0].in_features)
             t = {col: [float("inf"), float("inf")] for col in (False, True)}  # (1 row, many rows) per layout
             for col in (False, True, False, True):  # interleaved: each layout's best of two rounds

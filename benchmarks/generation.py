@@ -539,13 +539,13 @@ def bench_config(path: str, a: argparse.Namespace) -> dict:
 
     from llm_modules.config import LLMModulesConfig
     from llm_modules.model import LLMModules
-    from llm_modules.row_split import decode_layout
+    from llm_modules.row_split import prepare_for_cpu_decoding
 
     log(f"== {path}")
     load0 = load_average()
     t0 = clock()
     cfg = LLMModulesConfig.from_yaml(path)
-    model = LLMModules.from_config(cfg).eval()
+    model = prepare_for_cpu_decoding(LLMModules.from_config(cfg))  # as generate / chat / eval load a model
     load_s = clock() - t0
     P, N = a.prompt_tokens, a.new_tokens
     model.check_length(P + N)
@@ -570,14 +570,11 @@ def bench_config(path: str, a: argparse.Namespace) -> dict:
     log("cached decoding (combined model)")
     res["cached"] = bench_cached(model, prompt, N, a.repeats, not a.no_breakdown)
     tokens = res["cached"]["tokens"]
-    # The paired cached steps and the floor call the model's parts directly, outside stream: give them the
-    # column-major copies stream decodes with (made once here; stream's own copy is inside the cached timings).
-    with decode_layout(model):
-        if a.full_recompute != "off":
-            log(f"full recompute ({a.full_recompute})")
-            res["full_recompute"] = bench_full(model, prompt, tokens, N, a.repeats, a.full_recompute, a.full_points)
-        log("floor (cached large step + cached small step + head)")
-        res["floor"] = bench_floor(model, prompt, tokens, N, a.floor_repeats, a.repeats)
+    if a.full_recompute != "off":
+        log(f"full recompute ({a.full_recompute})")
+        res["full_recompute"] = bench_full(model, prompt, tokens, N, a.repeats, a.full_recompute, a.full_points)
+    log("floor (cached large step + cached small step + head)")
+    res["floor"] = bench_floor(model, prompt, tokens, N, a.floor_repeats, a.repeats)
     if a.profile:
         log(f"profiler ({a.profile} decode steps)")
         res["profile"] = run_profile(model, prompt, a.profile)

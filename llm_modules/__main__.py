@@ -67,10 +67,11 @@ def cmd_ablations(args, extra) -> int:
 def cmd_eval(args, extra) -> int:
     import json
 
-    from .files import atomic_write_text
-    from .evaluate import answer_accuracy, heldout_loss
-    from .model import LLMModules
     from .data import load_data
+    from .evaluate import answer_accuracy, heldout_loss
+    from .files import atomic_write_text
+    from .model import LLMModules
+    from .row_split import prepare_for_cpu_decoding
 
     if args.task:
         return _eval_tasks(args)
@@ -85,7 +86,7 @@ def cmd_eval(args, extra) -> int:
         print(make_table(evaluate_harness(args.checkpoint, args.harness_tasks, limit=args.max_examples,
                                           include_path=args.include_path, num_fewshot=args.num_fewshot)))
         return 0
-    model = LLMModules.from_pretrained(resolve_checkpoint(args.checkpoint)).eval()
+    model = prepare_for_cpu_decoding(LLMModules.from_pretrained(resolve_checkpoint(args.checkpoint)))
     cfg = model.config
     if args.data:  # evaluate every record of this file / dataset (nothing is split off)
         cfg = cfg.replace(data={"path": args.data, "reasoning_gym_tasks": [], "benchmarks": [], "val_path": args.data,

@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from . import features as features_mod
-from .files import atomic_write_json, atomic_write_text
 from .config import LLMModulesConfig
 from .data import load_data
 from .evaluate import answer_accuracy, extract_answer, heldout_loss, is_correct
+from .files import atomic_write_json, atomic_write_text
 from .model import LLMModules
 from .plots import plot_metrics
+from .row_split import prepare_for_cpu_decoding
 from .train import train
 
 ARMS: dict[str, dict] = {
@@ -66,7 +67,7 @@ def run_arm(arm: LLMModulesConfig, eval_examples: int, max_new_tokens: int, log=
     t0 = time.perf_counter()
     progress = train(arm, resume=True, log=log)
     train_s = time.perf_counter() - t0
-    model = LLMModules.from_pretrained(out / "best").eval()
+    model = prepare_for_cpu_decoding(LLMModules.from_pretrained(out / "best"))  # evaluated only
     data, _ = load_data(arm, model.large_tokenizer, model.tokenizer, log=lambda *a: None)
     cached = features_mod.available(arm, data) if arm.coupling == "stream" else None
     loss = heldout_loss(model, data.val, features=cached["val"] if cached else None)

@@ -6,7 +6,6 @@ is ours, because the combined model carries three caches (large KV, bridge cross
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
@@ -20,7 +19,6 @@ from transformers import (
 )
 
 from .errors import UserError
-from .row_split import decode_layout
 
 
 @dataclass
@@ -106,36 +104,34 @@ def stream(
     new: list[list[int]] = [[] for _ in range(B)]
     cache = model.new_cache() if use_cache else None
     step_input = input_ids
-    # one-row steps read wide trainable weights from a column-major copy made for this generation (row_split.py)
-    with decode_layout(model) if use_cache and B == 1 else contextlib.nullcontext():
-        for _ in range(sampling.max_new_tokens):
-            if use_cache:
-                extra = model_kwargs or {} if step_input is input_ids else {}
-                logits = model(step_input, mask, cache=cache, logits_to_keep=1, **extra).logits[:, -1]  # (B, V)
-            else:  # full recompute, as the reference does
-                logits = model(ids, mask, logits_to_keep=1, **(model_kwargs or {})).logits[:, -1]
-            scores = procs(ids, logits.float())
-            if sampling.do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-            else:
-                token = scores.argmax(-1)
-            token = torch.where(finished, torch.full_like(token, pad), token)
+    for _ in range(sampling.max_new_tokens):
+        if use_cache:
+            extra = model_kwargs or {} if step_input is input_ids else {}
+            logits = model(step_input, mask, cache=cache, logits_to_keep=1, **extra).logits[:, -1]  # (B, V)
+        else:  # full recompute, as the reference does
+            logits = model(ids, mask, logits_to_keep=1, **(model_kwargs or {})).logits[:, -1]
+        scores = procs(ids, logits.float())
+        if sampling.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        else:
+            token = scores.argmax(-1)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        for b in range(B):
+            if not finished[b]:
+                new[b].append(int(token[b]))
+        done_now = torch.isin(token, eos.to(token.device)) | finished
+        if stop:
             for b in range(B):
-                if not finished[b]:
-                    new[b].append(int(token[b]))
-            done_now = torch.isin(token, eos.to(token.device)) | finished
-            if stop:
-                for b in range(B):
-                    if not done_now[b] and any(s in tokenizer.decode(new[b][-32:]) for s in stop):
-                        done_now[b] = True
-            finished = done_now
-            yield Step(tokens=token, logits=logits, finished=finished.clone())
-            if bool(finished.all()):
-                return
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            step_input = token[:, None]
+                if not done_now[b] and any(s in tokenizer.decode(new[b][-32:]) for s in stop):
+                    done_now[b] = True
+        finished = done_now
+        yield Step(tokens=token, logits=logits, finished=finished.clone())
+        if bool(finished.all()):
+            return
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        step_input = token[:, None]
 
 
 def prompt_batch(model, conversations: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -25,14 +25,11 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
 
 
 def load_for_generation(checkpoint: Union[str, Path]):
-    """An LLMModules checkpoint to generate with in this process only: frozen whole, so split_rows stores every wide
-    weight column-major once (the trainable ones included), instead of stream copying them for each answer
-    (row_split.py)."""
+    """An LLMModules checkpoint to generate with in this process only, prepared for CPU decoding (row_split.py)."""
     from .model import LLMModules
-    from .row_split import split_rows
+    from .row_split import prepare_for_cpu_decoding
 
-    model = LLMModules.from_pretrained(resolve_checkpoint(checkpoint)).eval()
-    split_rows(model.requires_grad_(False))
+    model = prepare_for_cpu_decoding(LLMModules.from_pretrained(resolve_checkpoint(checkpoint)))
     if model.tokenizer is None:
         raise UserError(f"{checkpoint}: this model has no tokenizer, so it cannot read text prompts")
     return model
@@ -48,12 +45,13 @@ def load_for_eval(checkpoint: Union[str, Path], large_only: bool = False):
     from .config import LLMModulesConfig
     from .finetune import is_finetuned, load_finetuned
     from .model import LLMModules
+    from .row_split import prepare_for_cpu_decoding
 
     path = Path(checkpoint)
     if not large_only and is_finetuned(path):
         return load_finetuned(path)
-    if not large_only:
-        model = LLMModules.from_pretrained(resolve_checkpoint(path))
+    if not large_only:  # evaluated only: prepared for CPU decoding (row_split.py)
+        model = prepare_for_cpu_decoding(LLMModules.from_pretrained(resolve_checkpoint(path)))
         limits = [n for n in model.position_limits.values() if n is not None]
         return model, model.tokenizer, model.config, min(limits) if limits else model.config.data.max_length
     from .backbones import load_causal_lm

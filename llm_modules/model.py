@@ -31,7 +31,6 @@ from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_tensors, save_tensors
 from .config import LLMModulesConfig
 from .couplings import COUPLINGS
 from .errors import UserError, collect
-from .row_split import split_rows
 from .kv_cache import LLMModulesCache
 
 # The trainable part, by top-level submodule; the optimizer, the checkpoint and the tests use this one definition.
@@ -81,8 +80,6 @@ class LLMModules(nn.Module):
         self.position_limits = {"small": learned_position_limit(self.small)}
         if self.large is not None:
             self.position_limits["large"] = learned_position_limit(large)
-        # one-token steps use every CPU thread, frozen wide weights are stored column-major (row_split.py)
-        split_rows(self)
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod

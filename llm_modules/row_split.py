@@ -9,18 +9,18 @@ and benchmarks/gemv.py measures both:
   copy) hands the blocks to different threads, and each output is the same dot product as before.
 * A "wide" weight (out_features >= WIDE_RATIO * in_features: the 256 x 151,936 head, the 896 -> 4864 MLP gate and
   up projections) is read faster for one row from a column-major layout, where one input's weights for all outputs
-  are contiguous (an axpy over the outputs), than row-major (one short dot product per output). So:
-  - frozen wide weights are stored column-major by `split_rows` (same Parameter, shape, values and name; only the
-    strides change). Products over many rows (prefill, full recompute) run as fast either way;
-  - trainable wide weights stay row-major, so training, its optimizer state and FSDP (which shards contiguous
-    parameters only) see plain parameters; `decode_layout` gives them a column-major copy while a generation runs.
+  are contiguous (an axpy over the outputs), than row-major (one short dot product per output).
+
+Both are an opt-in inference step, `prepare_for_cpu_decoding(model)`, applied by what only generates or evaluates
+(loading.py: generate, chat, serve, eval; the benchmarks), never by model construction: it freezes the model,
+replaces each `nn.Linear` with a `RowSplitLinear` sharing its parameters (same values and state-dict keys) and stores
+the wide weights column-major. Training, its optimizer state and FSDP see the stock modules.
 
 Inputs with more than one row, and non-CPU tensors, take plain `F.linear` on the parameter itself.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +52,17 @@ def output_blocks(weight: torch.Tensor, p: int) -> Optional[torch.Tensor]:
 class RowSplitLinear(nn.Linear):
     """nn.Linear whose single-row CPU forward runs as a `bmm` over blocks of outputs, one per thread."""
 
-    decode_weight: Optional[torch.Tensor] = None  # column-major copy of the weight, set by decode_layout only
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "RowSplitLinear":
+        """A RowSplitLinear holding `linear`'s own parameters (no copy)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[:-1].numel() != 1 or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        w = self.weight if self.decode_weight is None or torch.is_grad_enabled() else self.decode_weight
+        w = self.weight
         p = row_blocks(self.out_features, torch.get_num_threads())
         blocks = output_blocks(w, p) if p > 1 else None
         if blocks is None:
@@ -91,31 +96,16 @@ def row_major(weights) -> None:
             w.data = w.data.contiguous()
 
 
-def split_rows(module: nn.Module) -> nn.Module:
-    """Make every plain nn.Linear inside `module` a RowSplitLinear, in place, and store the frozen wide ones'
-    weights column-major (values untouched). Freeze what is frozen before calling it."""
-    for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = RowSplitLinear
-        if type(m) is RowSplitLinear and is_wide(m) and not m.weight.requires_grad:
+def prepare_for_cpu_decoding(model: nn.Module) -> nn.Module:
+    """The opt-in inference step: `model` frozen whole (no gradients, eval mode), every plain nn.Linear replaced by a
+    RowSplitLinear sharing its parameters, and the wide weights stored column-major (values untouched). For a model
+    that only generates or evaluates from here on; returns it."""
+    model.requires_grad_(False).eval()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, RowSplitLinear.from_linear(child))
+    for m in model.modules():
+        if isinstance(m, RowSplitLinear) and is_wide(m):
             column_major(m.weight)
-    return module
-
-
-@contextlib.contextmanager
-def decode_layout(module: nn.Module) -> Iterator[None]:
-    """While decoding on CPU: a column-major copy of every wide weight not stored that way (the trainable ones), used
-    by one-row products under no_grad, dropped on exit. Costs one copy of those weights in time and memory (the
-    default head: 0.16 GB, about 0.14 s on 2 threads); nested uses share the outer copies."""
-    made = []
-    with torch.no_grad():
-        for m in module.modules():
-            if (type(m) is RowSplitLinear and is_wide(m) and m.decode_weight is None and m.weight.device.type == "cpu"
-                    and not is_column_major(m.weight)):
-                m.decode_weight = m.weight.detach().t().contiguous().t()
-                made.append(m)
-    try:
-        yield
-    finally:
-        for m in made:
-            m.decode_weight = None
+    return model

@@ -574,10 +574,10 @@ def load_engine(checkpoint: Union[str, Path], *, large_only: bool = False, max_b
     smallest learned position table, else data.max_length (the large model alone: its max_position_embeddings)."""
     if large_only:
         from .loading import load_for_eval
-        from .row_split import split_rows
+        from .row_split import prepare_for_cpu_decoding
 
         lm, tokenizer, cfg, limit = load_for_eval(checkpoint, large_only=True)
-        split_rows(lm.eval().requires_grad_(False))
+        prepare_for_cpu_decoding(lm)
         gen_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
         eos = ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])) + [getattr(tokenizer, "eos_token_id",
                                                                                            None)]

@@ -5,6 +5,7 @@ from tiny import PAIRS, tiny_config
 
 from llm_modules import LLMModules, UserError
 from llm_modules.generate import IncrementalDecoder, SamplingConfig, stream
+from llm_modules.row_split import prepare_for_cpu_decoding
 
 
 def build(**kw):
@@ -17,7 +18,8 @@ def _step_logits(model, ids, mask, use_cache, n=12):
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
 def threads(request):
-    """With 2 threads, one-row steps take row_split's bmm path; with 1, plain linear."""
+    """With 2 threads the model is prepared for CPU decoding and one-row steps take row_split's bmm path; with 1,
+    the model as constructed (plain linear)."""
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
@@ -27,6 +29,8 @@ def threads(request):
 @pytest.mark.parametrize("large,small", PAIRS)
 def test_cached_logits_equal_recompute_batch_1(large, small, threads):
     model = build(large=large, small=small)
+    if threads == 2:
+        prepare_for_cpu_decoding(model)
     ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(0))
     cached, full = _step_logits(model, ids, None, True), _step_logits(model, ids, None, False)
     assert len(cached) == len(full) == 12

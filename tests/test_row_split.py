@@ -1,6 +1,6 @@
 """row_split: one-row CPU linears as a bmm over blocks of outputs equal nn.Linear, whichever layout the weight has;
-frozen wide weights are stored column-major with the same values, trainable ones get a column-major copy only while
-decoding; everything else is nn.Linear itself."""
+prepare_for_cpu_decoding (opt-in, never at construction) replaces modules, keeps their parameters and stores the wide
+weights column-major with the same values; everything else is nn.Linear itself."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,8 +8,7 @@ from tiny import tiny_config
 from torch import nn
 
 from llm_modules import LLMModules
-from llm_modules.generate import SamplingConfig, stream
-from llm_modules.row_split import WIDE_RATIO, RowSplitLinear, decode_layout, is_wide, row_blocks, row_major, split_rows
+from llm_modules.row_split import WIDE_RATIO, RowSplitLinear, is_wide, prepare_for_cpu_decoding, row_blocks, row_major
 
 
 @pytest.fixture
@@ -31,11 +30,11 @@ def test_row_blocks_divide_evenly():
 def test_one_row_equals_linear(n_threads, out_features, in_features, bias, frozen, threads):
     threads(n_threads)
     torch.manual_seed(0)
-    lin = nn.Linear(in_features, out_features, bias=bias).requires_grad_(not frozen)
+    lin = nn.Linear(in_features, out_features, bias=bias)
     ref = lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone()
-    split_rows(lin)
+    lin = prepare_for_cpu_decoding(nn.Sequential(lin))[0] if frozen else RowSplitLinear.from_linear(lin)
     assert isinstance(lin, RowSplitLinear) and isinstance(lin, nn.Linear)
-    column = frozen and out_features >= WIDE_RATIO * in_features  # only frozen wide weights change layout
+    column = frozen and out_features >= WIDE_RATIO * in_features  # only prepared wide weights change layout
     assert lin.weight.t().is_contiguous() == column and lin.weight.is_contiguous() == (not column)
     assert torch.equal(lin.weight, ref[0])  # same values, whatever the layout
     for shape in [(in_features,), (1, in_features), (1, 1, in_features)]:
@@ -56,59 +55,43 @@ def test_several_rows_are_plain_linear_bit_for_bit(threads):
     lin = nn.Linear(8, 12)
     x = torch.randn(2, 3, 8)
     ref = lin(x)
-    assert torch.equal(split_rows(lin)(x), ref)
+    assert torch.equal(RowSplitLinear.from_linear(lin)(x), ref)
 
 
 def test_several_rows_through_a_column_major_weight(threads):
     threads(2)
     torch.manual_seed(0)
-    lin = nn.Linear(8, 64).requires_grad_(False)
+    lin = nn.Linear(8, 64)
     w = lin.weight.detach().clone()
-    split_rows(lin)
+    lin = prepare_for_cpu_decoding(nn.Sequential(lin))[0]
     assert lin.weight.t().is_contiguous()
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(lin(x), F.linear(x, w, lin.bias), atol=1e-6, rtol=1e-6)
 
 
-def test_trainable_wide_weights_get_a_column_major_copy_only_while_decoding(threads):
-    threads(2)
-    torch.manual_seed(0)
-    lin = split_rows(nn.Linear(8, 64))
-    w = lin.weight
-    assert w.is_contiguous() and lin.decode_weight is None  # trainable: untouched by split_rows
-    x = torch.randn(1, 8)
-    with decode_layout(lin):
-        copy = lin.decode_weight
-        assert copy.t().is_contiguous() and torch.equal(copy, w) and not copy.requires_grad
-        with decode_layout(lin):  # nested: the outer copy is shared, and kept when the inner one exits
-            assert lin.decode_weight is copy
-        assert lin.decode_weight is copy
-        with torch.no_grad():
-            torch.testing.assert_close(lin(x), F.linear(x, w, lin.bias), atol=1e-6, rtol=1e-6)
-        lin(x).sum().backward()  # with gradients on, the parameter itself is used
-        assert w.grad is not None
-    assert lin.decode_weight is None
-    frozen = split_rows(nn.Linear(8, 64).requires_grad_(False))
-    with decode_layout(frozen):
-        assert frozen.decode_weight is None  # stored column-major already: no copy
-
-
-def test_stream_decodes_batch_one_through_the_copies():
+def test_construction_leaves_stock_modules_and_preparing_replaces_them_keeping_their_parameters():
     model = LLMModules.from_config(tiny_config()).eval()
-    wide = [m for m in model.modules() if isinstance(m, RowSplitLinear) and is_wide(m) and m.weight.requires_grad]
-    assert wide
-    it = stream(model, torch.tensor([[3, 4, 5]]), sampling=SamplingConfig(max_new_tokens=3))
-    next(it)
-    assert all(m.decode_weight is not None for m in wide)
-    list(it)
-    assert all(m.decode_weight is None for m in wide)
-    it = stream(model, torch.tensor([[3, 4, 5], [6, 7, 8]]), sampling=SamplingConfig(max_new_tokens=2))
-    next(it)
-    assert all(m.decode_weight is None for m in wide)  # batch > 1: no one-row products, no copies
+    stock = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert stock and all(type(m) is nn.Linear for m in stock.values())  # training and FSDP see these
+    params = dict(model.named_parameters())
+    values = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        before = model(ids).logits
+    prepare_for_cpu_decoding(model)
+    assert all(type(m) is nn.Linear for m in stock.values())  # the old modules are replaced, not rewritten
+    assert all(type(m) is RowSplitLinear for n, m in model.named_modules() if n in stock)
+    assert dict(model.named_parameters()).keys() == params.keys()
+    assert all(p is params[n] and not p.requires_grad for n, p in model.named_parameters())  # the same, frozen
+    assert all(torch.equal(v, values[k]) for k, v in model.state_dict().items())
+    wide = [m for m in model.modules() if isinstance(m, RowSplitLinear) and is_wide(m)]
+    assert wide and all(m.weight.t().is_contiguous() for m in wide)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
 
 
 def test_row_major_restores_the_layout():
-    lin = split_rows(nn.Linear(4, 32).requires_grad_(False))
+    lin = prepare_for_cpu_decoding(nn.Sequential(nn.Linear(4, 32)))[0]
     w = lin.weight
     values = w.detach().clone()
     assert not w.is_contiguous()
@@ -118,9 +101,10 @@ def test_row_major_restores_the_layout():
 
 def test_the_split_path_runs_and_the_model_keeps_its_keys(threads, monkeypatch):
     model = LLMModules.from_config(tiny_config()).eval()
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    keys = sorted(model.state_dict())
+    linears = [m for m in prepare_for_cpu_decoding(model).modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is RowSplitLinear for m in linears)
-    assert sorted(model.state_dict()) == sorted(split_rows(model).state_dict())  # idempotent, same keys
+    assert sorted(model.state_dict()) == keys == sorted(prepare_for_cpu_decoding(model).state_dict())  # idempotent
     calls = []
     real = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
