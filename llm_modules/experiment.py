@@ -136,9 +136,9 @@ def trainable_count(cfg: LLMModulesConfig) -> int:
 
 
 # ---- running one piece, resumably -------------------------------------------------------------------------------
-def run_process(argv: list[str], log_path: Path, log=print) -> dict:
-    """Run `python -m llm_modules ARGV` in its own process (output to log_path); its wall time and peak memory,
-    also appended to SEGMENTS beside the log however the process ends.
+def run_process(argv: list[str], log_path: Path, log=print) -> None:
+    """Run `python -m llm_modules ARGV` in its own process (output to log_path); its wall time, peak memory and exit
+    status are appended to SEGMENTS beside the log however the process ends.
     SIGTERM / SIGINT to this process are passed on: the child saves where it is and stops, and so do we (with
     interrupt.Interrupted, the child's exit status); the same command later resumes it."""
     from .interrupt import Interrupted, StopRequests
@@ -158,9 +158,9 @@ def run_process(argv: list[str], log_path: Path, log=print) -> dict:
                 passed = True
             time.sleep(0.2)
     code = os.waitstatus_to_exitcode(status)
-    cost = {"wall_seconds": time.perf_counter() - t0, "peak_memory_gib": usage.ru_maxrss / 2**20}
     with open(log_path.parent / SEGMENTS, "a") as f:  # every run of the arm, interrupted or not, counts
-        f.write(json.dumps({**cost, "exit": code}) + "\n")
+        f.write(json.dumps({"wall_seconds": time.perf_counter() - t0, "peak_memory_gib": usage.ru_maxrss / 2**20,
+                            "exit": code}) + "\n")
     if stops.signum:
         message = f"stopped: {log_path.parent} saved what it had; run the same command again to resume"
         log(message)
@@ -169,7 +169,6 @@ def run_process(argv: list[str], log_path: Path, log=print) -> dict:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise UserError(f"`llm-modules {' '.join(argv[:3])} ...` stopped with exit code {code}; the last lines of "
                         f"{log_path}:\n  " + "\n  ".join(tail))
-    return cost
 
 
 def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], log=print) -> dict:

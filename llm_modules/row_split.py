@@ -62,11 +62,10 @@ class RowSplitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[:-1].numel() != 1 or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        w = self.weight
         p = row_blocks(self.out_features, torch.get_num_threads())
-        blocks = output_blocks(w, p) if p > 1 else None
+        blocks = output_blocks(self.weight, p) if p > 1 else None
         if blocks is None:
-            return F.linear(x, w, self.bias)
+            return F.linear(x, self.weight, self.bias)
         # (p, 1, in) @ (p, in, out / p) -> (p, 1, out / p) -> the outputs in order
         y = torch.bmm(x.reshape(1, 1, self.in_features).expand(p, 1, self.in_features), blocks)
         y = y.reshape(*x.shape[:-1], self.out_features)
