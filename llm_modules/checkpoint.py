@@ -156,10 +156,13 @@ def latest_training_checkpoint(root: Path, log=print) -> Optional[Path]:
 
 def prune_checkpoints(root: Path, keep: int, keep_every: Optional[int] = None) -> None:
     """Keep the newest `keep` step checkpoints (the one before the latest stays as a fallback), and with
-    `keep_every` those of step 0 and of its multiples (learning curves)."""
+    `keep_every` those of step 0 and of its multiples (learning curves). A checkpoint kept only for a curve is
+    no resume point, so it drops its optimizer state (two thirds of its size under AdamW) and keeps the weights."""
     for d in sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)[keep:]:
         if keep_every is None or int(d.name.removeprefix("step-")) % keep_every:
             shutil.rmtree(d, ignore_errors=True)
+        else:
+            (d / OPTIMIZER_NAME).unlink(missing_ok=True)
     for tmp in root.glob(".step-*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
 

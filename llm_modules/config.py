@@ -164,7 +164,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp32 is the fast choice on CPUs without bf16 units
     eval_every: int = 100
     save_every: int = 100
-    # Keep the checkpoints of step 0 and of every multiple of keep_every (learning curves); None = the latest two only.
+    # Keep the checkpoints of step 0 and of every multiple of keep_every (learning curves; weights only once they are
+    # not among the latest two); None = the latest two only.
     keep_every: Optional[int] = None
     patience: Optional[int] = 5  # validations without improvement before stopping; None = never stop early
     seed: int = 0

@@ -41,6 +41,8 @@ def test_keep_every_keeps_step_zero_and_its_multiples_for_learning_curves(tmp_pa
     assert _cli("--output-dir", out, "--max-steps", 5, "--save-every", 1, "--train.keep_every", 2) == 0
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == ["step-00000000", "step-00000002", "step-00000004", "step-00000005"]  # + the latest two
+    resumable = [n for n in kept if (out / "checkpoints" / n / "optimizer.safetensors").exists()]
+    assert resumable == ["step-00000004", "step-00000005"]  # the curve's older points keep their weights only
     start = LLMModules.from_pretrained(out / "checkpoints" / "step-00000000")
     fresh = LLMModules.from_config(load_config(TINY))
     assert all(torch.equal(p, dict(fresh.trainable_named_parameters())[n])
