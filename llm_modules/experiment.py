@@ -201,17 +201,20 @@ def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], log
 
 def evaluate_arm(checkpoint: Path, tasks: dict, out: Path, *, large_only: bool, batch_size: int,
                  max_new_tokens: Optional[int], log=print) -> list[dict]:
-    """`eval --task` for `tasks` ({task: items}), once: the summary file is what a rerun finds."""
-    from .tasks import evaluate_tasks, summary_path
+    """`eval --task` for `tasks` ({task: items}), once: the summary file is what a rerun finds, and an interrupted
+    generation task continues after its last finished batch."""
+    from .tasks import evaluate_tasks, progress_path, summary_path
 
     summaries = []
     for task, limit in tasks.items():
         answers = out / f"{task}.jsonl"
         if not summary_path(answers).is_file():
             rows, summary = evaluate_tasks(str(checkpoint), [task], large_only=large_only, limit=limit,
-                                           batch_size=batch_size, max_new_tokens=max_new_tokens, log=log)
+                                           batch_size=batch_size, max_new_tokens=max_new_tokens, resume_dir=out,
+                                           log=log)
             atomic_write_text(answers, "".join(json.dumps(r) + "\n" for r in rows))
             atomic_write_json(summary_path(answers), summary)
+            progress_path(out, task).unlink(missing_ok=True)
         summaries += json.loads(summary_path(answers).read_text())
     return summaries
 

@@ -9,6 +9,7 @@ docs/benchmarks-tasks.md; this file is the code that implements them.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from . import facts as facts_mod
 from .benchmark_data import HUB, data_file, facts_split, find_data_dir, hub_rows, read_jsonl
 from .errors import UserError
+from .files import atomic_write_json
 
 LM_EVAL_TASKS = Path(__file__).parent / "lm_eval_tasks"
 
@@ -213,24 +215,54 @@ def decode_speed(generator, batch_size: int, prompt_tokens: int = 64, new_tokens
     return batch_size * new_tokens / best
 
 
+def progress_path(resume_dir: Path, task: str) -> Path:
+    """Where run_generation records the finished batches of `task` (see its `progress`)."""
+    return Path(resume_dir) / f"{task}.progress.json"
+
+
+def _finished_batches(progress: Optional[Path], key: dict) -> list[dict]:
+    """The batches a progress file records for the same task, items, batch size and budget; none otherwise."""
+    if progress is None or not progress.is_file():
+        return []
+    try:
+        saved = json.loads(progress.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return saved["batches"] if isinstance(saved, dict) and {k: saved.get(k) for k in key} == key else []
+
+
 @torch.no_grad()
 def run_generation(task: GenerationTask, generator, items: list[Item], batch_size: int,
-                   max_new_tokens: Optional[int] = None) -> tuple[list[dict], dict]:
-    """Every item answered (length-sorted batches, answers put back in item order) and judged; (rows, timing)."""
+                   max_new_tokens: Optional[int] = None, progress: Optional[Path] = None,
+                   model: Optional[dict] = None) -> tuple[list[dict], dict]:
+    """Every item answered (length-sorted batches, answers put back in item order) and judged; (rows, timing).
+    With `progress`, each finished batch is recorded there (rewritten atomically), and a rerun with the same
+    `model` (what identifies who answers), items, batch size and budget continues after the last finished batch:
+    the batches are those of one uninterrupted run, so are the answers, and the timing sums both runs' batches.
+    The caller removes the file once it has written the answers."""
     budget = max_new_tokens or task.max_new_tokens
     order = sorted(range(len(items)), key=lambda i: -len(items[i].question))
+    key = {"task": task.name, "model": model, "ids": [items[i].id for i in order], "batch_size": batch_size,
+           "budget": budget}
+    done = _finished_batches(progress, key)
+    position = {item.id: i for i, item in enumerate(items)}
     rows: list[Optional[dict]] = [None] * len(items)
-    tokens, t0 = 0, time.perf_counter()
-    for start in tqdm(range(0, len(order), batch_size), desc=task.name, leave=False):
-        idx = order[start:start + batch_size]
+    for r in (r for batch in done for r in batch["rows"]):
+        rows[position[r["id"]]] = r
+    starts = range(len(done) * batch_size, len(order), batch_size)
+    for start in tqdm(starts, desc=task.name, leave=False, initial=len(done), total=len(done) + len(starts)):
+        idx, t0 = order[start:start + batch_size], time.perf_counter()
         outs = generator.generate([[{"role": "user", "content": items[i].question}] for i in idx],
                                   budget, task.stop)
         for i, (text, n) in zip(idx, outs):
             answer, correct = task.judge(text, items[i])
-            tokens += n
             rows[i] = {"task": task.name, "id": items[i].id, "question": items[i].question, "output": text,
                        "answer": answer, "gold": items[i].gold, "correct": bool(correct), **items[i].meta}
-    seconds = time.perf_counter() - t0
+        done.append({"rows": [rows[i] for i in idx], "tokens": sum(n for _, n in outs),
+                     "seconds": time.perf_counter() - t0})
+        if progress is not None:
+            atomic_write_json(progress, {**key, "batches": done})
+    seconds, tokens = sum(b["seconds"] for b in done), sum(b["tokens"] for b in done)
     return rows, {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
 
 
@@ -309,9 +341,10 @@ def run_loglikelihood(names: list[str], lm, root: Optional[Path], limit: Optiona
 # ---- the command -----------------------------------------------------------------------------------------------
 def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = False, data_dir: Optional[str] = None,
                    limit: Optional[int] = None, batch_size: int = 16, max_new_tokens: Optional[int] = None,
-                   log=print) -> tuple[list[dict], list[dict]]:
+                   resume_dir: Optional[Path] = None, log=print) -> tuple[list[dict], list[dict]]:
     """Run benchmark `names` on a checkpoint (or its large model alone); (per-item rows, one summary per task).
-    `max_new_tokens` replaces the generation tasks' own budgets (facts 32, gsm8k 256, math500 512)."""
+    `max_new_tokens` replaces the generation tasks' own budgets (facts 32, gsm8k 256, math500 512). With
+    `resume_dir`, the generation tasks record their finished batches there (progress_path) and continue after them."""
     from .loading import load_for_eval
 
     if limit is not None and limit < 1:
@@ -328,7 +361,9 @@ def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = Fals
         items = task.load(root)[:limit]
         log(f"{name}: {len(items)} items, greedy, at most {max_new_tokens or task.max_new_tokens} new tokens, "
             f"batch {batch_size}")
-        got, timing = run_generation(task, generator, items, batch_size, max_new_tokens)
+        got, timing = run_generation(task, generator, items, batch_size, max_new_tokens,
+                                     progress_path(resume_dir, name) if resume_dir is not None else None,
+                                     model={"checkpoint": str(checkpoint), "large_only": large_only})
         extra = facts_extra(got) if name == "facts" else {}
         summaries.append(summarize(name, task.metric, [r["correct"] for r in got], **timing, **extra))
         rows += got

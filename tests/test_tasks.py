@@ -108,9 +108,9 @@ def test_large_only_and_an_arm_answer_through_the_same_function(checkpoint, monk
     seen = []
     run = tasks.run_generation
 
-    def spy(task, generator, items, batch_size, max_new_tokens=None):
+    def spy(task, generator, *args, **kwargs):
         seen.append(type(generator).__name__)
-        return run(task, generator, items, batch_size, max_new_tokens)
+        return run(task, generator, *args, **kwargs)
 
     monkeypatch.setattr(tasks, "run_generation", spy)
     for large_only in (False, True):
@@ -160,6 +160,34 @@ def test_eval_task_command_writes_answers_and_a_summary(checkpoint, tmp_path, ca
     assert [(s["task"], s["n"]) for s in summary] == [("gsm8k", 2), ("math500", 2)]
     assert all(len(s["ci95"]) == 2 and "accuracy" in s for s in summary)
     assert "| gsm8k | 2 |" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl", "answers.summary.json"]  # no progress
+
+
+@needs_data
+def test_an_interrupted_generation_task_continues_after_its_last_finished_batch(checkpoint, tmp_path, monkeypatch):
+    args = dict(limit=5, batch_size=2, max_new_tokens=4, log=lambda *a: None)
+    whole, (summary,) = tasks.evaluate_tasks(str(checkpoint), ["facts"], **args)
+    real, batches = tasks.ArmGenerator.generate, []
+
+    def generate(self, conversations, *a, **k):
+        batches.append(len(conversations))
+        if len(batches) == 2 and stop:
+            raise KeyboardInterrupt  # killed inside the second batch
+        return real(self, conversations, *a, **k)
+
+    monkeypatch.setattr(tasks.ArmGenerator, "generate", generate)
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        tasks.evaluate_tasks(str(checkpoint), ["facts"], resume_dir=tmp_path, **args)
+    assert len(json.loads(tasks.progress_path(tmp_path, "facts").read_text())["batches"]) == 1
+    stop, batches[:] = False, []
+    rows, (resumed,) = tasks.evaluate_tasks(str(checkpoint), ["facts"], resume_dir=tmp_path, **args)
+    assert batches == [2, 1]  # the first batch is not generated again
+    assert rows == whole and resumed["correct"] == summary["correct"] and resumed["generated_tokens"] == summary[
+        "generated_tokens"]
+    batches[:] = []  # the recorded batches are another model's for a different checkpoint name: all are redone
+    tasks.evaluate_tasks(str(checkpoint) + "/", ["facts"], resume_dir=tmp_path, **args)
+    assert batches == [2, 2, 1]
 
 
 @pytest.mark.parametrize("argv, message", [
