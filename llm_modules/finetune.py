@@ -13,15 +13,19 @@ train.make_optimizer (AdamW), the warm-up + cosine / constant schedule, gradient
 train.eval_every steps and at the end, train.patience, metrics.jsonl lines and the loss plot.
 
 Output directory: metrics.jsonl, loss.png, best/ (the lowest validation loss: config.yaml, finetune.json and the
-peft adapter or the whole model with its tokenizer; replaced atomically) and DONE (the summary, written last).
-A run is not resumed: an unfinished one starts over; a finished one with the same settings is not run again.
-docs/baselines.md has the decisions.
+peft adapter or the whole model with its tokenizer; replaced atomically), resume/ (every train.save_every steps and
+on SIGTERM / SIGINT: the trainable weights, optimizer, schedule, RNG and data position; removed when the run ends)
+and DONE (the summary, written last). An unfinished run with the same settings resumes from resume/ and ends as an
+uninterrupted one would; with other settings, or without resume/, it starts over; a finished one with the same
+settings is not run again. docs/baselines.md has the decisions.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
+import random
 import resource
 import shutil
 import sys
@@ -39,6 +43,8 @@ from . import checkpoint as ckpt
 from .config import LLMModulesConfig
 from .data import IGNORE_INDEX, DataBundle, LengthGroupedBatches, build_datasets, collate
 from .errors import UserError
+from .interrupt import Interrupted, StopRequests, signal_name
+from .sharded_state import flatten_optimizer, unflatten_optimizer
 
 METHODS = ("lora", "full")
 BASES = ("large", "small")
@@ -47,6 +53,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 FINETUNE_NAME = "finetune.json"
 DONE_NAME = "DONE"
 BEST_NAME = "best"
+RESUME_NAME = "resume"
 # Causal LMs whose logits are exactly lm_head(last hidden state) (no soft-capping or scaling): the head then runs at
 # the labelled positions only, as the combined model's does. Others run their whole forward.
 HEAD_ONLY_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gpt2", "gpt_neo")
@@ -119,7 +126,11 @@ class FinetuneRun:
     target_modules: Optional[list]
     trainable_params: int
     log: object = print
+    settings: Optional[dict] = None  # _settings: what a resumed run must share with the one that saved resume/
     step: int = 0
+    windows: int = 0  # grad_accum windows consumed (a skipped non-finite step consumes one without a step)
+    seconds: float = 0.0  # the time of the earlier processes of a resumed run
+    started: float = field(default_factory=time.perf_counter)  # when this process began it (train_finetune sets it)
     best_val: Optional[float] = None
     best_step: Optional[int] = None
     bad_validations: int = 0
@@ -198,6 +209,7 @@ def setup_finetune(cfg: LLMModulesConfig, *, method: str, base: str, output_dir:
     from .train import _check_writable, make_optimizer, seed_everything
 
     _check_args(method, base, target_params, rank, lr, alpha)
+    settings = _settings(cfg, method, base, target_params, rank, lr, alpha, target_modules)
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -235,11 +247,10 @@ def setup_finetune(cfg: LLMModulesConfig, *, method: str, base: str, output_dir:
     kwargs = {"num_training_steps": max(1, max_steps)} if t.schedule == "cosine" else {}
     scheduler = make(optimizer, num_warmup_steps=t.warmup_steps, **kwargs)
     return FinetuneRun(cfg, method, base, out, model, hf_model, tokenizer, data, batches, optimizer, scheduler,
-                       accelerator, max_steps, lr, rank, alpha, targets, n_trainable, log=log)
+                       accelerator, max_steps, lr, rank, alpha, targets, n_trainable, log=log, settings=settings)
 
 
-def _settings(cfg: LLMModulesConfig, out: Path, method: str, base: str, target_params, rank, lr, alpha,
-              target_modules) -> dict:
+def _settings(cfg: LLMModulesConfig, method: str, base: str, target_params, rank, lr, alpha, target_modules) -> dict:
     """What makes two baseline runs the same run (compared with a finished run's DONE before anything loads)."""
     lora = method == "lora"
     train = {k: v for k, v in cfg.to_dict()["train"].items() if k not in TRAIN_IRRELEVANT}
@@ -348,32 +359,47 @@ def _windows(run: FinetuneRun):
 def fit(run: FinetuneRun) -> None:
     """Train for run.max_steps optimizer steps (or until train.patience validations bring no improvement),
     validating every train.eval_every steps and at the end, saving best/ at each new lowest validation loss
-    (without a held-out split: the final weights)."""
+    (without a held-out split: the final weights) and resume/ every train.save_every steps. From a restored run
+    (restore), it goes on after the saved step.
+
+    SIGTERM / SIGINT: the optimizer step in progress finishes, resume/ is saved there and `Interrupted` is raised
+    (the command line exits with 143 / 130); the same command resumes."""
     t = run.cfg.train
-    if run.data.val:
+    if run.data.val and not run.step:
         _log_metrics(run, {"step": 0, "val_loss": validate(run)})
     run.model.train()
     tokens_seen, t0 = 0, time.perf_counter()
-    bar = tqdm(total=run.max_steps, desc=f"{run.method} {run.base}", dynamic_ncols=True)
+    bar = tqdm(total=run.max_steps, initial=run.step, desc=f"{run.method} {run.base}", dynamic_ncols=True)
+    stops = StopRequests(first="finishing the optimizer step in progress, then saving resume/ (further signals are "
+                               "ignored until it is written)", again="ignored until resume/ is written")
     try:
-        for epoch, window in _windows(run):
-            if run.step >= run.max_steps or run.stopped_early:
-                break
-            loss, n_tok = train_step(run, window)
-            if loss is None:
-                continue
-            run.step += 1
-            tokens_seen += n_tok
-            tps = tokens_seen / max(1e-9, time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
-            record = {"step": run.step, "epoch": epoch, "train_loss": loss, "lr": run.scheduler.get_last_lr()[0],
-                      "tokens_per_s": tps}
-            if run.data.val and (run.step % t.eval_every == 0 or run.step == run.max_steps):
-                record["val_loss"] = validate(run)
-                if _improved(run, record["val_loss"]):
-                    save_best(run)
-            _log_metrics(run, record)
+        with stops:
+            for epoch, window in itertools.islice(_windows(run), run.windows, None):
+                if run.step >= run.max_steps or run.stopped_early:
+                    break
+                loss, n_tok = train_step(run, window)
+                run.windows += 1
+                if loss is None:
+                    continue
+                run.step += 1
+                tokens_seen += n_tok
+                tps = tokens_seen / max(1e-9, time.perf_counter() - t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+                record = {"step": run.step, "epoch": epoch, "train_loss": loss,
+                          "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": tps}
+                if run.data.val and (run.step % t.eval_every == 0 or run.step == run.max_steps):
+                    record["val_loss"] = validate(run)
+                    if _improved(run, record["val_loss"]):
+                        save_best(run)
+                _log_metrics(run, record)
+                if stops.signum or (run.step % t.save_every == 0 and run.step < run.max_steps):
+                    save_resume(run)
+                if stops.signum:
+                    message = (f"stopped after step {run.step} ({signal_name(stops.signum)}): saved "
+                               f"{run.out / RESUME_NAME}; run the same command again to resume")
+                    run.log(message)
+                    raise Interrupted(stops.signum, message)
     finally:
         bar.close()
     if not run.step:
@@ -410,6 +436,72 @@ def _log_metrics(run: FinetuneRun, record: dict) -> None:
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
+PROGRESS = ("step", "windows", "best_val", "best_step", "bad_validations", "nonfinite_skipped", "stopped_early")
+
+
+def save_resume(run: FinetuneRun) -> None:
+    """resume/: what `restore` needs to go on from this step, written under a temporary name and published in one
+    rename (a crash leaves the previous resume/). The optimizer state is keyed by the trainable parameters' order,
+    which setup_finetune rebuilds identically from the same settings."""
+    final, tmp = run.out / RESUME_NAME, run.out / f".{RESUME_NAME}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        ckpt.save_tensors(tmp / ckpt.WEIGHTS_NAME, {n: p for n, p in run.model.named_parameters() if p.requires_grad})
+        opt_tensors, groups = flatten_optimizer(run.optimizer.state_dict())
+        ckpt.save_tensors(tmp / ckpt.OPTIMIZER_NAME, opt_tensors)
+        ckpt.save_tensors(tmp / ckpt.RNG_NAME, {"torch": torch.get_rng_state()})
+        ckpt.atomic_write_json(tmp / ckpt.STATE_NAME, {
+            "settings": run.settings, "progress": {k: getattr(run, k) for k in PROGRESS},
+            "seconds": run.seconds + time.perf_counter() - run.started,
+            "optimizer_param_groups": groups, "python_random": random.getstate(),
+            "scheduler": {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"}})
+        ckpt.replace_dir(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not save {final} ({e.strerror or e}); free some space and run again") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def restore(run: FinetuneRun) -> bool:
+    """Put resume/ back into a freshly set-up run when it was saved with the same settings (then True); metrics
+    lines after its step (a run killed before its next save) are dropped."""
+    d = run.out / RESUME_NAME
+    try:
+        state = json.loads((d / ckpt.STATE_NAME).read_text(encoding="utf-8"))
+        if state["settings"] != run.settings:
+            return False
+        weights, _ = ckpt.load_tensors(d / ckpt.WEIGHTS_NAME)
+        opt_tensors, _ = ckpt.load_tensors(d / ckpt.OPTIMIZER_NAME)
+        rng, _ = ckpt.load_tensors(d / ckpt.RNG_NAME)
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        return False
+    trainable = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+    if weights.keys() != trainable.keys():
+        return False
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(weights[n])
+    optim = unflatten_optimizer(opt_tensors, state["optimizer_param_groups"])
+    run.optimizer.load_state_dict({"state": {int(k): v for k, v in optim["state"].items()},
+                                   "param_groups": optim["param_groups"]})
+    sched = run.scheduler.state_dict()
+    sched.update(state["scheduler"])
+    run.scheduler.load_state_dict(sched)
+    torch.set_rng_state(rng["torch"])
+    v, internal, gauss = state["python_random"]
+    random.setstate((v, tuple(internal), gauss))
+    for k in PROGRESS:
+        setattr(run, k, state["progress"][k])
+    run.seconds = state["seconds"]
+    metrics = run.out / "metrics.jsonl"
+    ckpt.truncate_metrics(metrics, run.step)
+    run.history = [json.loads(ln) for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return True
+
+
 def save_best(run: FinetuneRun) -> None:
     """Write best/ under a temporary name and publish it in one rename: a crash leaves the previous best/ (or none),
     never a half-written one."""
@@ -464,7 +556,8 @@ def finished(output_dir: Union[str, Path]) -> Optional[dict]:
 
 
 def _start_over(out: Path, log) -> None:
-    names = [DONE_NAME, "metrics.jsonl", "loss.png", BEST_NAME, f".{BEST_NAME}.tmp", f"{BEST_NAME}.old"]
+    names = [DONE_NAME, "metrics.jsonl", "loss.png", BEST_NAME, f".{BEST_NAME}.tmp", f"{BEST_NAME}.old",
+             RESUME_NAME, f".{RESUME_NAME}.tmp", f"{RESUME_NAME}.old"]
     old = [n for n in names if (out / n).exists()]
     for n in old:
         p = out / n
@@ -482,11 +575,13 @@ def train_finetune(cfg: LLMModulesConfig, *, method: str, base: str, output_dir:
 
     method "lora" (with exactly one of `rank` / `target_params`) or "full"; base "large" or "small"; lr defaults to
     train.lr_small. A finished run with the same settings in `output_dir` is not run again (its summary is
-    returned); a finished run with other settings is an error unless `overwrite`; an unfinished one starts over."""
+    returned); a finished run with other settings is an error unless `overwrite`; an unfinished one resumes from
+    resume/ when its settings are the same, else starts over. `train_seconds`: the whole call (loading, data,
+    training, validations, saving), summed over the processes of a resumed run."""
     t0 = time.perf_counter()
     _check_args(method, base, target_params, rank, lr, alpha)
     out = Path(output_dir)
-    settings = _settings(cfg, out, method, base, target_params, rank, lr, alpha, target_modules)
+    settings = _settings(cfg, method, base, target_params, rank, lr, alpha, target_modules)
     previous = _read_done(out)
     if previous is not None:
         if previous.get("settings") == settings:
@@ -498,7 +593,11 @@ def train_finetune(cfg: LLMModulesConfig, *, method: str, base: str, output_dir:
                             "choose another output_dir, or pass overwrite=True to replace it")
     run = setup_finetune(cfg, method=method, base=base, output_dir=out, target_params=target_params, rank=rank,
                          lr=lr, alpha=alpha, target_modules=target_modules, log=log)
-    _start_over(out, log)
+    run.started = t0
+    if restore(run):
+        log(f"resumed from {out / RESUME_NAME} at step {run.step}")
+    else:
+        _start_over(out, log)
     log(f"fine-tuning ({method}, {base} model) {run.trainable_params:,} parameters for {run.max_steps} steps "
         f"({len(run.data.train)} train / {len(run.data.val)} val examples, lr {run.lr:g}) -> {out}")
     fit(run)
@@ -507,11 +606,12 @@ def train_finetune(cfg: LLMModulesConfig, *, method: str, base: str, output_dir:
 
         plot_metrics({f"{method} {base}": out / "metrics.jsonl"}, out / "loss.png")
     summary = {"steps": run.step, "best_step": run.best_step, "best_val": run.best_val,
-               "train_seconds": time.perf_counter() - t0, "peak_memory_gib": peak_memory_gib(),
+               "train_seconds": run.seconds + time.perf_counter() - t0, "peak_memory_gib": peak_memory_gib(),
                "trainable_params": run.trainable_params, "rank": run.rank}
     if run.best_val is not None:
         log(f"best validation loss {run.best_val:.4f} at step {run.best_step}")
     ckpt.atomic_write_json(out / DONE_NAME, {"summary": summary, "settings": settings})
+    shutil.rmtree(out / RESUME_NAME, ignore_errors=True)  # the run is over: DONE is what a rerun finds
     return summary
 
 

@@ -170,6 +170,49 @@ def test_an_unfinished_run_starts_over(tmp_path):
     assert summary["rank"] == 2 and ft.finished(out) == summary
 
 
+def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from llm_modules.interrupt import Interrupted
+
+    cfg, args = tiny_cfg(save_every=2), dict(method="lora", base="large", rank=2, log=lambda *a: None)
+    reference = ft.train_finetune(cfg, output_dir=tmp_path / "reference", **args)
+    out, real, events = tmp_path / "run", ft.train_step, {}
+
+    def train_step(run, window):
+        if events.get("sigterm") == run.step + 1:  # during this step: it finishes, resume/ is saved there
+            os.kill(os.getpid(), signal.SIGTERM)
+        if events.get("crash") == run.step + 1:  # killed inside this step: nothing of it is saved
+            raise KeyboardInterrupt
+        return real(run, window)
+
+    monkeypatch.setattr(ft, "train_step", train_step)
+    events["sigterm"] = 3
+    with pytest.raises(Interrupted) as stopped:
+        ft.train_finetune(cfg, output_dir=out, **args)
+    assert stopped.value.exit_code == 143 and "resume" in stopped.value.message
+    assert json.loads((out / ft.RESUME_NAME / "training_state.json").read_text())["progress"]["step"] == 3
+    events.update(sigterm=None, crash=6)  # resumes at 3; the periodic save at 4 is what the next run finds
+    with pytest.raises(KeyboardInterrupt):
+        ft.train_finetune(cfg, output_dir=out, **args)
+    events["crash"] = None
+    summary = ft.train_finetune(cfg, output_dir=out, **args)
+
+    def rows(d):
+        return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
+                for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(out) == rows(tmp_path / "reference")  # every step once, with the uninterrupted run's losses
+    assert {k: summary[k] for k in ("steps", "best_step", "best_val")} == {
+        k: reference[k] for k in ("steps", "best_step", "best_val")}
+    from safetensors.torch import load_file
+
+    got, want = (load_file(str(d / "best" / "adapter_model.safetensors")) for d in (out, tmp_path / "reference"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not (out / ft.RESUME_NAME).exists() and ft.finished(out) == summary  # resume/ goes when the run ends
+
+
 @pytest.mark.parametrize("kwargs,cfg_over,message", [
     ({"method": "qlora", "base": "large", "rank": 4}, {}, "method: 'qlora' is not one of"),
     ({"method": "lora", "base": "medium", "rank": 4}, {}, "base: 'medium' is not one of"),
