@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 
 from llm_modules.__main__ import main
+from llm_modules.experiment import ARMS
 from test_tasks import needs_data
 
 
@@ -86,7 +87,7 @@ def test_quick_experiment_on_real_weights(tmp_path):
     results = json.loads((out / "results.json").read_text())["suites"]
     assert set(results) == {"facts", "gsm8k"}
     for suite in results.values():
-        assert len(suite) == 8
+        assert list(suite) == list(ARMS)  # every arm, in the table's order
 
 
 def test_paired_comparison_counts_discordant_items_and_gives_the_exact_sign_test(tmp_path):
