@@ -13,7 +13,8 @@ Each arm trains in a process of its own (its wall time and peak memory are its o
 was interrupted); every evaluation is written once, as `eval --task` writes it, and found again by a rerun, which
 skips what is done. Layout: <out>/<suite>/<arm>/ (the arm's config `arm.yaml`, its training output, `train.json`,
 `eval/<tasks>.summary.json`, `curve/step-<k>.summary.json`, `speed.json`), <out>/results.json, results.md and the
-plots. docs/results.md is this command's report.
+plots. results.json gathers the suites and arms of every run in <out> (with or without --quick, not mixed), so one
+suite or a few arms can be run at a time and the report covers them all. docs/results.md is this command's report.
 """
 from __future__ import annotations
 
@@ -246,16 +247,29 @@ def curve_arm(out: Path, suite: Suite, log=print) -> list[dict]:
 
 
 # ---- the experiment -------------------------------------------------------------------------------------------
+def _earlier_results(path: Path) -> Optional[dict]:
+    """The results.json of earlier runs in the same output directory, if it can be read."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return earlier if isinstance(earlier, dict) and isinstance(earlier.get("suites"), dict) else None
+
+
 def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms: list[str], quick: bool = False,
                    log=print) -> dict:
     t_start = time.perf_counter()
     table = QUICK if quick else SUITES
-    results: dict = {"quick": quick, "suites": {}, "arm_order": list(ARMS)}
+    earlier = _earlier_results(out / "results.json")
+    if earlier is not None and earlier.get("quick") != quick:
+        raise UserError(f"{out} holds {'--quick' if earlier.get('quick') else 'full'} results; run "
+                        f"{'--quick' if quick else 'the full experiment'} in another --output-dir")
+    results: dict = {"quick": quick, "suites": earlier["suites"] if earlier else {}, "arm_order": list(ARMS)}
     for name in suites:
         suite = table[name]
         log(f"\n=== suite {name}: {suite.steps} steps of batch {suite.batch_size}; tests {suite.tests} ===")
         target = trainable_count(arm_config(base, suite, ARMS["combined-paper"], out / name / "combined-paper"))
-        per_arm = {}
+        per_arm = results["suites"].setdefault(name, {})  # the suite's arms from earlier runs stay
         for arm_name in arms:
             arm = ARMS[arm_name]
             d = out / name / arm_name
@@ -278,7 +292,6 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
             if arm.curve:
                 r["curve"] = curve_arm(d, suite, log)
             per_arm[arm_name] = r
-            results["suites"][name] = per_arm
             atomic_write_json(out / "results.json", results)  # what is done so far
     results["wall_seconds"] = time.perf_counter() - t_start
     atomic_write_json(out / "results.json", results)

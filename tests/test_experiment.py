@@ -37,6 +37,10 @@ def test_miniature_experiment_trains_evaluates_reports_and_does_not_redo_work(tm
     logs = {p: p.stat().st_mtime_ns for p in out.rglob("*.log")}
     assert main(argv) == 0  # a rerun finds every arm trained and every evaluation written
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.log")} == logs
+    one = argv[:argv.index("--arms") + 1] + ["large-alone"] + argv[argv.index("--arms") + 2:]
+    assert main(one) == 0  # one arm run again: the report still has the others
+    assert set(json.loads((out / "results.json").read_text())["suites"]["facts"]) == set(results)
+    assert "| lora |" in (out / "results.md").read_text()
 
 
 @needs_data
