@@ -157,7 +157,8 @@ def plot_frontier(results: dict, out: Path, suite: str, path: Path) -> None:
         x = r["speed"]["batch_1"]
         ax.errorbar([x], [s["accuracy"]], yerr=[[s["accuracy"] - s["ci95"][0]], [s["ci95"][1] - s["accuracy"]]],
                     marker="o", capsize=3, color=f"C{i}")
-        ax.annotate(name, (x, s["accuracy"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.annotate(name, (x, s["accuracy"]), textcoords="offset points", xytext=(5, 5 if i % 2 else -12),
+                    fontsize=8)  # alternate above / below: neighbouring arms often sit at similar speeds
     ax.set_xscale("log")
     ax.set_xlabel("decode tokens/s at batch 1 (log scale)")
     ax.set_ylabel("held-out accuracy (95% CI)")
