@@ -88,6 +88,7 @@ class Suite:
     curve_task: tuple = ("facts", 300)
     curve_points: int = 4  # evaluated at step 0 and at every steps / curve_points
     max_new_tokens: Optional[int] = None
+    speed: tuple = (48, 2)  # decode speed: new tokens per row, timed repeats (tasks.decode_speed)
 
 
 SUITES = {
@@ -102,10 +103,10 @@ SUITES = {
 # --quick: every arm, the same code paths, small slices (minutes, not hours).
 QUICK = {
     "facts": replace(SUITES["facts"], data={**SUITES["facts"].data, "max_examples": 400}, steps=8, batch_size=8,
-                     tests={"facts": 40}, curve_task=("facts", 20), curve_points=2),
+                     tests={"facts": 16}, curve_task=("facts", 8), curve_points=2, speed=(8, 1)),
     "gsm8k": replace(SUITES["gsm8k"], data={**SUITES["gsm8k"].data, "max_examples": 80}, steps=4, batch_size=4,
-                     tests={"gsm8k": 8}, extra_tests={"hellaswag": 20, "arc_easy": 20}, curve_task=("gsm8k", 4),
-                     curve_points=2, max_new_tokens=64),
+                     tests={"gsm8k": 4}, extra_tests={"hellaswag": 10, "arc_easy": 10}, curve_task=("gsm8k", 2),
+                     curve_points=2, max_new_tokens=32, speed=(8, 1)),
 }
 
 
@@ -220,8 +221,9 @@ def evaluate_arm(checkpoint: Path, tasks: dict, out: Path, *, large_only: bool, 
     return summaries
 
 
-def speed_arm(checkpoint: Path, out: Path, *, large_only: bool) -> dict:
-    """Decode tokens/s at batch 1 and 16 (tasks.decode_speed: 64-token prompt, 48 new tokens), once."""
+def speed_arm(checkpoint: Path, out: Path, *, large_only: bool, speed: tuple) -> dict:
+    """Decode tokens/s at batch 1 and 16 (tasks.decode_speed: 64-token prompt; `speed`: new tokens, timed
+    repeats), once."""
     path = out / "speed.json"
     if not path.is_file():
         from .loading import load_for_eval
@@ -229,7 +231,9 @@ def speed_arm(checkpoint: Path, out: Path, *, large_only: bool) -> dict:
 
         model, tok, cfg, _ = load_for_eval(checkpoint, large_only)
         gen = generator_for(model.eval(), tok, cfg, large_only)
-        atomic_write_json(path, {"batch_1": decode_speed(gen, 1), "batch_16": decode_speed(gen, 16)})
+        new_tokens, repeats = speed
+        atomic_write_json(path, {f"batch_{b}": decode_speed(gen, b, new_tokens=new_tokens, repeats=repeats)
+                                 for b in (1, 16)})
     return json.loads(path.read_text())
 
 
@@ -288,7 +292,7 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
             r["eval"] = {s["task"]: s for s in evaluate_arm(checkpoint, tests, d / "eval", large_only=large_only,
                                                             batch_size=16, max_new_tokens=suite.max_new_tokens,
                                                             log=log)}
-            r["speed"] = speed_arm(checkpoint, d, large_only=large_only)
+            r["speed"] = speed_arm(checkpoint, d, large_only=large_only, speed=suite.speed)
             if arm.curve:
                 r["curve"] = curve_arm(d, suite, log)
             per_arm[arm_name] = r
