@@ -228,7 +228,7 @@ def _finished_batches(progress: Optional[Path], key: dict) -> list[dict]:
         saved = json.loads(progress.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    return saved["batches"] if isinstance(saved, dict) and {k: saved.get(k) for k in key} == key else []
+    return saved.get("batches", []) if isinstance(saved, dict) and {k: saved.get(k) for k in key} == key else []
 
 
 @torch.no_grad()
