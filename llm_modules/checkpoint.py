@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,21 @@ CONFIG_NAME = "config.yaml"
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+    atomic_write(path, lambda p: _save_file(tensors, p, metadata))
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]]) -> None:
+    """safetensors' save_file, its failed writes raised as the OSError they are: it reports a full disk as
+    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), which the
+    callers' handling of a failed write (atomic_write, the training checkpoint) would let through as a traceback."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

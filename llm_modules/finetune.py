@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -519,9 +520,10 @@ def save_best(run: FinetuneRun) -> None:
             "lora_alpha": run.alpha, "target_modules": run.target_modules, "lr": run.lr, "step": run.step,
             "val_loss": run.best_val})
         ckpt.replace_dir(tmp, final)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # the latter: a full disk inside Hugging Face's save_pretrained
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not save {final} ({e.strerror or e}); free some space and run again") from None
+        raise UserError(f"could not save {final} ({getattr(e, 'strerror', None) or e}); free some space and run "
+                        "again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

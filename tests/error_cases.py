@@ -121,7 +121,10 @@ OFFLINE_PIP = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "{tmp}", "PIP_CONFIG_FILE"
 
 
 def disk_full_at(marker: str, real: Optional[Callable] = None):
-    """A safetensors writer for llm_modules.checkpoint that fails with ENOSPC on paths containing `marker`."""
+    """A safetensors writer for llm_modules.checkpoint that fails on paths containing `marker` as safetensors fails
+    on a full disk (its own SafetensorError, not an OSError)."""
+    from safetensors import SafetensorError
+
     from llm_modules import checkpoint
 
     real = real or checkpoint.save_file
@@ -130,7 +133,8 @@ def disk_full_at(marker: str, real: Optional[Callable] = None):
         if marker in str(filename):
             with open(filename, "wb") as f:  # a disk fills up part-way through a file
                 f.write(b"\0" * 64)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+            raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(errno.ENOSPC)} (os error "
+                                  f"{errno.ENOSPC})")
         return real(tensors, filename, metadata=metadata)
     return save_file
 
