@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -238,13 +239,15 @@ def speed_arm(checkpoint: Path, out: Path, *, large_only: bool, speed: tuple) ->
 
 
 def curve_arm(out: Path, suite: Suite, log=print) -> list[dict]:
-    """Held-out accuracy of the kept checkpoints (step 0 and every steps / curve_points)."""
+    """Held-out accuracy of the kept checkpoints (step 0 and every steps / curve_points); a point evaluated
+    earlier is read back, its checkpoint no longer needed (--quick removes them)."""
     task, limit = suite.curve_task
     points = []
-    for ckpt in sorted((out / "checkpoints").glob("step-*")):
-        step = int(ckpt.name.removeprefix("step-"))
-        (summary,) = evaluate_arm(ckpt, {task: limit}, out / "curve" / f"step-{step:08d}", large_only=False,
-                                  batch_size=16, max_new_tokens=suite.max_new_tokens, log=log)
+    steps = {int(p.name.removeprefix("step-")) for d in ("checkpoints", "curve") for p in (out / d).glob("step-*")}
+    for step in sorted(steps):
+        (summary,) = evaluate_arm(out / "checkpoints" / f"step-{step:08d}", {task: limit},
+                                  out / "curve" / f"step-{step:08d}", large_only=False, batch_size=16,
+                                  max_new_tokens=suite.max_new_tokens, log=log)
         points.append({"step": step, **{k: summary[k] for k in ("accuracy", "ci95", "n", "unseen_answers")
                                          if k in summary}})
     return points
@@ -295,6 +298,8 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
             r["speed"] = speed_arm(checkpoint, d, large_only=large_only, speed=suite.speed)
             if arm.curve:
                 r["curve"] = curve_arm(d, suite, log)
+            if quick:  # a check, not results: the step checkpoints (gigabytes for the 768-wide arms) go; best/ stays
+                shutil.rmtree(d / "checkpoints", ignore_errors=True)
             per_arm[arm_name] = r
             atomic_write_json(out / "results.json", results)  # what is done so far
     results["wall_seconds"] = time.perf_counter() - t_start

@@ -30,6 +30,7 @@ def test_miniature_experiment_trains_evaluates_reports_and_does_not_redo_work(tm
     lora, combined = results["lora"]["trainable_params"], results["combined-large"]["trainable_params"]
     assert abs(lora - combined) / combined < 0.5  # the rank is chosen for the combined model's count
     assert [p["step"] for p in results["combined-large"]["curve"]] == [0, 1, 2]
+    assert not (out / "facts" / "combined-large" / "checkpoints").exists()  # --quick keeps best/ only
     assert "peak_memory_gib" in results["combined-large"] and results["combined-large"]["wall_seconds"] > 0
     table = (out / "results.md").read_text()
     assert "| combined-large |" in table and "| lora |" in table and "Known relations" in table
@@ -37,6 +38,8 @@ def test_miniature_experiment_trains_evaluates_reports_and_does_not_redo_work(tm
     logs = {p: p.stat().st_mtime_ns for p in out.rglob("*.log")}
     assert main(argv) == 0  # a rerun finds every arm trained and every evaluation written
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.log")} == logs
+    rerun = json.loads((out / "results.json").read_text())["suites"]["facts"]
+    assert rerun["combined-large"]["curve"] == results["combined-large"]["curve"]  # read back, checkpoints gone
     one = argv[:argv.index("--arms") + 1] + ["large-alone"] + argv[argv.index("--arms") + 2:]
     assert main(one) == 0  # one arm run again: the report still has the others
     assert set(json.loads((out / "results.json").read_text())["suites"]["facts"]) == set(results)
