@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .config import LLMModulesConfig
 from .errors import UserError
@@ -203,9 +203,9 @@ def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], log
 
 
 def evaluate_arm(checkpoint: Path, tasks: dict, out: Path, *, large_only: bool, batch_size: int,
-                 max_new_tokens: Optional[int], log=print) -> list[dict]:
+                 max_new_tokens: Optional[int], load: Optional[Callable[[], tuple]] = None, log=print) -> list[dict]:
     """`eval --task` for `tasks` ({task: items}), once: the summary file is what a rerun finds, and an interrupted
-    generation task continues after its last finished batch."""
+    generation task continues after its last finished batch. `load`: gives the loaded checkpoint (load_once)."""
     from .tasks import evaluate_tasks, progress_path, summary_path
 
     summaries = []
@@ -214,7 +214,7 @@ def evaluate_arm(checkpoint: Path, tasks: dict, out: Path, *, large_only: bool, 
         if not summary_path(answers).is_file():
             rows, summary = evaluate_tasks(str(checkpoint), [task], large_only=large_only, limit=limit,
                                            batch_size=batch_size, max_new_tokens=max_new_tokens, resume_dir=out,
-                                           log=log)
+                                           loaded=load() if load else None, log=log)
             atomic_write_text(answers, "".join(json.dumps(r) + "\n" for r in rows))
             atomic_write_json(summary_path(answers), summary)
             progress_path(out, task).unlink(missing_ok=True)
@@ -222,15 +222,14 @@ def evaluate_arm(checkpoint: Path, tasks: dict, out: Path, *, large_only: bool, 
     return summaries
 
 
-def speed_arm(checkpoint: Path, out: Path, *, large_only: bool, speed: tuple) -> dict:
+def speed_arm(load: Callable[[], tuple], out: Path, *, large_only: bool, speed: tuple) -> dict:
     """Decode tokens/s at batch 1 and 16 (tasks.decode_speed: 64-token prompt; `speed`: new tokens, timed
-    repeats), once."""
+    repeats) of the checkpoint `load` gives (load_once), once."""
     path = out / "speed.json"
     if not path.is_file():
-        from .loading import load_for_eval
         from .tasks import decode_speed, generator_for
 
-        model, tok, cfg, _ = load_for_eval(checkpoint, large_only)
+        model, tok, cfg, _ = load()
         gen = generator_for(model.eval(), tok, cfg, large_only)
         new_tokens, repeats = speed
         atomic_write_json(path, {f"batch_{b}": decode_speed(gen, b, new_tokens=new_tokens, repeats=repeats)
@@ -251,6 +250,16 @@ def curve_arm(out: Path, suite: Suite, log=print) -> list[dict]:
         points.append({"step": step, **{k: summary[k] for k in ("accuracy", "ci95", "n", "unseen_answers")
                                          if k in summary}})
     return points
+
+
+def load_once(checkpoint: Path, large_only: bool) -> Callable[[], tuple]:
+    """load_for_eval(checkpoint, large_only) on the first call, the same objects after: an arm's evaluations and
+    its speed share one load (the 0.5B model takes seconds to load, a --quick evaluation about as long)."""
+    from functools import cache
+
+    from .loading import load_for_eval
+
+    return cache(lambda: load_for_eval(checkpoint, large_only))
 
 
 # ---- the experiment -------------------------------------------------------------------------------------------
@@ -292,10 +301,12 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
                 r.update(train_arm(cfg, arm, target, log))
                 checkpoint, large_only = d, False
             tests = {**suite.tests, **(suite.extra_tests if arm_name in suite.extra_arms else {})}
+            load = load_once(checkpoint, large_only)
             r["eval"] = {s["task"]: s for s in evaluate_arm(checkpoint, tests, d / "eval", large_only=large_only,
                                                             batch_size=16, max_new_tokens=suite.max_new_tokens,
-                                                            log=log)}
-            r["speed"] = speed_arm(checkpoint, d, large_only=large_only, speed=suite.speed)
+                                                            load=load, log=log)}
+            r["speed"] = speed_arm(load, d, large_only=large_only, speed=suite.speed)
+            del load  # the loaded model goes before the curve's checkpoints load
             if arm.curve:
                 r["curve"] = curve_arm(d, suite, log)
             if quick:  # a check, not results: the step checkpoints (gigabytes for the 768-wide arms) go; best/ stays

@@ -341,10 +341,12 @@ def run_loglikelihood(names: list[str], lm, root: Optional[Path], limit: Optiona
 # ---- the command -----------------------------------------------------------------------------------------------
 def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = False, data_dir: Optional[str] = None,
                    limit: Optional[int] = None, batch_size: int = 16, max_new_tokens: Optional[int] = None,
-                   resume_dir: Optional[Path] = None, log=print) -> tuple[list[dict], list[dict]]:
+                   resume_dir: Optional[Path] = None, loaded: Optional[tuple] = None,
+                   log=print) -> tuple[list[dict], list[dict]]:
     """Run benchmark `names` on a checkpoint (or its large model alone); (per-item rows, one summary per task).
     `max_new_tokens` replaces the generation tasks' own budgets (facts 32, gsm8k 256, math500 512). With
-    `resume_dir`, the generation tasks record their finished batches there (progress_path) and continue after them."""
+    `resume_dir`, the generation tasks record their finished batches there (progress_path) and continue after them.
+    `loaded`: load_for_eval(checkpoint, large_only) done already (a caller evaluating one model several times)."""
     from .loading import load_for_eval
 
     if limit is not None and limit < 1:
@@ -352,7 +354,7 @@ def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = Fals
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give a positive integer")
     root = find_data_dir(data_dir)
-    loaded = load_for_eval(checkpoint, large_only)
+    loaded = loaded or load_for_eval(checkpoint, large_only)
     generator = generator_for(loaded[0].eval(), loaded[1], loaded[2], large_only)
     rows: list[dict] = []
     summaries: list[dict] = []
