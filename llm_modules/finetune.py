@@ -441,29 +441,20 @@ PROGRESS = ("step", "windows", "best_val", "best_step", "bad_validations", "nonf
 
 
 def save_resume(run: FinetuneRun) -> None:
-    """resume/: what `restore` needs to go on from this step, written under a temporary name and published in one
-    rename (a crash leaves the previous resume/). The optimizer state is keyed by the trainable parameters' order,
-    which setup_finetune rebuilds identically from the same settings."""
-    final, tmp = run.out / RESUME_NAME, run.out / f".{RESUME_NAME}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        ckpt.save_tensors(tmp / ckpt.WEIGHTS_NAME, {n: p for n, p in run.model.named_parameters() if p.requires_grad})
+    """resume/: what `restore` needs to go on from this step (published whole by _write_dir: a crash leaves the
+    previous resume/). The optimizer state is keyed by the trainable parameters' order, which setup_finetune
+    rebuilds identically from the same settings."""
+    def write(d: Path) -> None:
+        ckpt.save_tensors(d / ckpt.WEIGHTS_NAME, {n: p for n, p in run.model.named_parameters() if p.requires_grad})
         opt_tensors, groups = flatten_optimizer(run.optimizer.state_dict())
-        ckpt.save_tensors(tmp / ckpt.OPTIMIZER_NAME, opt_tensors)
-        ckpt.save_tensors(tmp / ckpt.RNG_NAME, {"torch": torch.get_rng_state()})
-        ckpt.atomic_write_json(tmp / ckpt.STATE_NAME, {
+        ckpt.save_tensors(d / ckpt.OPTIMIZER_NAME, opt_tensors)
+        ckpt.save_tensors(d / ckpt.RNG_NAME, {"torch": torch.get_rng_state()})
+        ckpt.atomic_write_json(d / ckpt.STATE_NAME, {
             "settings": run.settings, "progress": {k: getattr(run, k) for k in PROGRESS},
             "seconds": run.seconds + time.perf_counter() - run.started,
             "optimizer_param_groups": groups, "python_random": random.getstate(),
             "scheduler": {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"}})
-        ckpt.replace_dir(tmp, final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not save {final} ({e.strerror or e}); free some space and run again") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write_dir(run.out / RESUME_NAME, write)
 
 
 def restore(run: FinetuneRun) -> bool:
@@ -504,23 +495,32 @@ def restore(run: FinetuneRun) -> bool:
 
 
 def save_best(run: FinetuneRun) -> None:
-    """Write best/ under a temporary name and publish it in one rename: a crash leaves the previous best/ (or none),
-    never a half-written one."""
-    final, tmp = run.out / BEST_NAME, run.out / f".{BEST_NAME}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    """best/: the model (peft adapter or whole model with its tokenizer), its config and finetune.json, published
+    whole by _write_dir: a crash leaves the previous best/ (or none), never a half-written one."""
+    def write(d: Path) -> None:
         with _quiet():
-            run.model.save_pretrained(tmp)  # peft: adapter_model.safetensors + adapter_config.json; full: safetensors
+            run.model.save_pretrained(d)  # peft: adapter_model.safetensors + adapter_config.json; full: safetensors
             if run.method == "full":
-                run.tokenizer.save_pretrained(tmp)  # the checkpoint is a complete Hugging Face model directory
-        _config_for(run.cfg, run.out).save_yaml(tmp / ckpt.CONFIG_NAME)
-        ckpt.atomic_write_json(tmp / FINETUNE_NAME, {
+                run.tokenizer.save_pretrained(d)  # the checkpoint is a complete Hugging Face model directory
+        _config_for(run.cfg, run.out).save_yaml(d / ckpt.CONFIG_NAME)
+        ckpt.atomic_write_json(d / FINETUNE_NAME, {
             "method": run.method, "base": run.base, "rank": run.rank, "trainable_params": run.trainable_params,
             "lora_alpha": run.alpha, "target_modules": run.target_modules, "lr": run.lr, "step": run.step,
             "val_loss": run.best_val})
+    _write_dir(run.out / BEST_NAME, write)
+
+
+def _write_dir(final: Path, write) -> None:
+    """write(tmp) into a temporary sibling of `final`, then publish it in one rename (checkpoint.replace_dir); on
+    any failure the temporary directory goes, and a failed write (a full disk: OSError, or SafetensorError from
+    inside Hugging Face's save_pretrained) is a UserError naming `final`."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
         ckpt.replace_dir(tmp, final)
-    except (OSError, SafetensorError) as e:  # the latter: a full disk inside Hugging Face's save_pretrained
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not save {final} ({getattr(e, 'strerror', None) or e}); free some space and run "
                         "again") from None
