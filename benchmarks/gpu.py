@@ -26,7 +26,10 @@ the decode steps both arms ran (same contexts).
 
 MFU = model FLOPs per step / step time / the GPU's dense bf16 peak (table below, or --peak-tflops). Model FLOPs per
 sequence of T tokens (matmul FLOPs only; embedding look-ups, norms and activations ignored; recomputation by
-gradient checkpointing not counted, so MFU is comparable between the arms):
+gradient checkpointing not counted, so MFU is comparable between the arms). Two figures per arm: `mfu` counts every
+FLOP the step does, the frozen large model's forward included in the live arms; `mfu_trainable_only` counts only the
+trained part's forward + backward (the cached arms' count) over the same step time, so for live arms it is the MFU the
+training itself gets while the frozen forward takes its share of the step:
   6 * N_trainable_linear * T                        bridge + small model + new head: forward 2, backward 4
   + 3 * attention_fwd(small) + 3 * attention_fwd(bridge)
   + [live only] 2 * N_large_linear * T + attention_fwd(large)     frozen: forward only, no backward
@@ -107,6 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not in the built-in table")
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="seconds; arms not started by then are skipped and marked so (default 420)")
+    p.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own, one per core)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -279,13 +283,14 @@ def generation(env: Env, model, sizes: dict, args, vocab: int) -> dict:
     decode = steps[1:]
     cached = {"prompt_tokens": P, "new_tokens": N, "prefill_s": steps[0], "total_s": sum(steps),
               "tokens_per_s": N / sum(steps), "decode_tokens_per_s": len(decode) / sum(decode) if decode else None,
-              "decode_ms_per_token": ms_per_token(decode), "peak_memory_gib": cached_peak}
+              "decode_ms_per_token": ms_per_token(decode), "peak_memory_gib": cached_peak,
+              "step_ms": [round(1e3 * t, 2) for t in steps]}
     env.reset_peak()
     rsteps, recompute_tokens = time_stream(model, ids, M, False, env.sync)
     rdecode = rsteps[1:]
     recompute = {"prompt_tokens": P, "new_tokens": M, "first_token_s": rsteps[0], "total_s": sum(rsteps),
                  "tokens_per_s": M / sum(rsteps), "decode_ms_per_token": ms_per_token(rdecode),
-                 "peak_memory_gib": env.peak_gib()}
+                 "peak_memory_gib": env.peak_gib(), "step_ms": [round(1e3 * t, 2) for t in rsteps]}
     same = [a == b for a, b in zip(cached_tokens, recompute_tokens)]
     cached["tokens_match_recompute"] = all(same)
     cached["matching_prefix"] = same.index(False) if not all(same) else len(same)
@@ -336,8 +341,10 @@ def train_arms(env: Env, model, args, result: dict, start: float) -> None:
             arm.update(features=features, gradient_checkpointing=checkpointing,
                        flops_per_step=result["flops"][features]["total"])
             if "step_s" in arm:
+                trained = result["flops"]["cached"]["total"]  # the bridge, small model and head: forward + backward
                 arm["achieved_tflops"] = arm["flops_per_step"] / arm["step_s"] / 1e12
                 arm["mfu"] = arm["achieved_tflops"] / peak if peak else None
+                arm["mfu_trainable_only"] = trained / arm["step_s"] / 1e12 / peak if peak else None
             result["train"].append(arm)
     opt.zero_grad(set_to_none=True)
 
@@ -346,10 +353,14 @@ def run(args) -> dict:
     import torch
 
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # set_device and the memory stats want an index
     sizes = apply_defaults(args)
     env = Env(torch, device)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if env.cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -395,14 +406,15 @@ def report(result: dict) -> str:
              f"{' [SMOKE sizes]' if result['smoke'] else ''}",
              f"trainable {result['params']['trainable']:,} / frozen large {result['params']['frozen_large']:,} params; "
              f"seq {result['sizes']['seq_len']} x batch {result['sizes']['batch']}; peak {result['peak_tflops']} TFLOP/s",
-             "", "| features | grad ckpt | tokens/s | step s | peak GiB | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
+             "", "| features | grad ckpt | tokens/s | step s | peak GiB | TFLOP/s | MFU | MFU without the frozen forward |",
+             "|---|---|---|---|---|---|---|---|"]
     for a in result["train"]:
         if "error" in a:
-            lines.append(f"| {a['features']} | {a['gradient_checkpointing']} | {a['error']} | | | | |")
+            lines.append(f"| {a['features']} | {a['gradient_checkpointing']} | {a['error']} | | | | | |")
             continue
-        mfu = f"{100 * a['mfu']:.1f}%" if a.get("mfu") is not None else "n/a"
+        mfu, mfu_trained = (f"{100 * a[k]:.1f}%" if a.get(k) is not None else "n/a" for k in ("mfu", "mfu_trainable_only"))
         lines.append(f"| {a['features']} | {'on' if a['gradient_checkpointing'] else 'off'} | {a['tokens_per_s']:,.0f} "
-                     f"| {a['step_s']:.3f} | {a['peak_memory_gib']} | {a['achieved_tflops']:.1f} | {mfu} |")
+                     f"| {a['step_s']:.3f} | {a['peak_memory_gib']} | {a['achieved_tflops']:.1f} | {mfu} | {mfu_trained} |")
     g = result["generation"]
     if g:
         c, r = g["cached"], g["recompute"]

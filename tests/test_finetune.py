@@ -118,7 +118,8 @@ def test_lora_trains_the_adapter_only_lowers_the_loss_and_reloads(tmp_path):
     ids = torch.tensor([encode_prompt(with_system_prompt([{"role": "user", "content": "What is 3 + 6?"}],
                                                          cfg.data.system_prompt), cfg.data.format, tok)])
     run.model.eval()
-    torch.testing.assert_close(logits(model, ids), logits(run.hf_model, ids), rtol=1e-4, atol=1e-5)
+    trained = logits(run.hf_model, ids.to(run.hf_model.device)).cpu()  # trained where accelerate put it (a GPU if any)
+    torch.testing.assert_close(logits(model, ids), trained, rtol=1e-4, atol=1e-5)
     new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
                          pad_token_id=tok.pad_token_id)
     assert new.shape == (1, ids.shape[1] + 3)

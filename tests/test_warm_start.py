@@ -71,7 +71,7 @@ def test_paper_init_is_unchanged_and_large_init_changes_only_trainable_weights(t
     for init in ("paper", "large"):
         cfg = base.replace(bridge={"init": init}, train={"output_dir": str(tmp_path / init), "num_threads": 1})
         run = setup(cfg, resume=False, log=lambda *a: None)
-        got = dict(run.unwrapped.trainable_named_parameters())
+        got = {n: p.cpu() for n, p in run.unwrapped.trainable_named_parameters()}  # on a GPU if there is one
         same = [n for n in ref if torch.equal(ref[n], got[n])]
         if init == "paper":  # bit-identical to the initialization without the option
             assert len(same) == len(ref)
