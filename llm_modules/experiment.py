@@ -101,13 +101,13 @@ SUITES = {
                    tests={"gsm8k": 200}, extra_tests={"hellaswag": 500, "arc_easy": 500},
                    curve_task=("gsm8k", 30), curve_points=2),
 }
-# --quick: every arm, the same code paths, small slices (minutes, not hours).
+# --quick: every arm, the same code paths, small slices (minutes, not hours); curves of two points (step 0, the end).
 QUICK = {
     "facts": replace(SUITES["facts"], data={**SUITES["facts"].data, "max_examples": 400}, steps=8, batch_size=8,
-                     tests={"facts": 16}, curve_task=("facts", 8), curve_points=2, speed=(8, 1)),
+                     tests={"facts": 16}, curve_task=("facts", 8), curve_points=1, speed=(8, 1)),
     "gsm8k": replace(SUITES["gsm8k"], data={**SUITES["gsm8k"].data, "max_examples": 80}, steps=4, batch_size=4,
                      tests={"gsm8k": 4}, extra_tests={"hellaswag": 10, "arc_easy": 10}, curve_task=("gsm8k", 2),
-                     curve_points=2, max_new_tokens=32, speed=(8, 1)),
+                     curve_points=1, max_new_tokens=32, speed=(8, 1)),
 }
 
 
@@ -237,16 +237,18 @@ def speed_arm(load: Callable[[], tuple], out: Path, *, large_only: bool, speed: 
     return json.loads(path.read_text())
 
 
-def curve_arm(out: Path, suite: Suite, log=print) -> list[dict]:
+def curve_arm(out: Path, suite: Suite, load: Callable[[], tuple], log=print) -> list[dict]:
     """Held-out accuracy of the kept checkpoints (step 0 and every steps / curve_points); a point evaluated
-    earlier is read back, its checkpoint no longer needed (--quick removes them)."""
+    earlier is read back, its checkpoint no longer needed (--quick removes them). `load`: the arm's loaded model
+    (load_once), into which each point's trained weights are put (with_weights)."""
     task, limit = suite.curve_task
     points = []
     steps = {int(p.name.removeprefix("step-")) for d in ("checkpoints", "curve") for p in (out / d).glob("step-*")}
     for step in sorted(steps):
-        (summary,) = evaluate_arm(out / "checkpoints" / f"step-{step:08d}", {task: limit},
-                                  out / "curve" / f"step-{step:08d}", large_only=False, batch_size=16,
-                                  max_new_tokens=suite.max_new_tokens, log=log)
+        checkpoint = out / "checkpoints" / f"step-{step:08d}"
+        (summary,) = evaluate_arm(checkpoint, {task: limit}, out / "curve" / f"step-{step:08d}", large_only=False,
+                                  batch_size=16, max_new_tokens=suite.max_new_tokens,
+                                  load=with_weights(load, checkpoint), log=log)
         points.append({"step": step, **{k: summary[k] for k in ("accuracy", "ci95", "n", "unseen_answers")
                                          if k in summary}})
     return points
@@ -260,6 +262,24 @@ def load_once(checkpoint: Path, large_only: bool) -> Callable[[], tuple]:
     from .loading import load_for_eval
 
     return cache(lambda: load_for_eval(checkpoint, large_only))
+
+
+def with_weights(load: Callable[[], tuple], checkpoint: Path) -> Callable[[], tuple]:
+    """load(), with the trained weights of `checkpoint` (a checkpoint of the same run) copied into its model: a
+    curve point costs a read of the trained tensors, not another load of the frozen large model."""
+    def swapped() -> tuple:
+        from .checkpoint import WEIGHTS_NAME, load_tensors
+        from .model import check_signature
+
+        model, *rest = load()
+        where = str(checkpoint / WEIGHTS_NAME)
+        tensors, meta = load_tensors(checkpoint / WEIGHTS_NAME)
+        if "llm_modules" in meta:
+            check_signature(json.loads(meta["llm_modules"]), model.signature(), where)
+        model.load_trainable(tensors, where)
+        return (model, *rest)
+
+    return swapped
 
 
 # ---- the experiment -------------------------------------------------------------------------------------------
@@ -306,9 +326,9 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
                                                             batch_size=16, max_new_tokens=suite.max_new_tokens,
                                                             load=load, log=log)}
             r["speed"] = speed_arm(load, d, large_only=large_only, speed=suite.speed)
-            del load  # the loaded model goes before the curve's checkpoints load
             if arm.curve:
-                r["curve"] = curve_arm(d, suite, log)
+                r["curve"] = curve_arm(d, suite, load, log)
+            del load
             if quick:  # a check, not results: the step checkpoints (gigabytes for the 768-wide arms) go; best/ stays
                 shutil.rmtree(d / "checkpoints", ignore_errors=True)
             per_arm[arm_name] = r

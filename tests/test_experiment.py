@@ -115,3 +115,27 @@ def test_paired_comparison_counts_discordant_items_and_gives_the_exact_sign_test
     assert table[3] == ("| combined-large-wide-kd | combined-large-wide | answers never seen in training (2) | 1 | 1 "
                         "| 1.0000 |")
     assert len(table) == 4  # pairs with an arm not evaluated are left out
+
+
+def test_curve_points_reuse_the_loaded_model_with_each_checkpoints_weights(tmp_path):
+    """with_weights: the trained tensors of a step checkpoint copied into the arm's loaded model give the logits a
+    separate load of that checkpoint gives (the large model is not loaded again per curve point)."""
+    import torch
+
+    from llm_modules.experiment import load_once, with_weights
+    from llm_modules.loading import load_for_eval
+
+    out = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny-random.yaml", "--output-dir", str(out), "--max-steps", "2",
+                 "--save-every", "1", "--train.keep_every", "1", "--train.num_threads", "1"]) == 0
+    load = load_once(out, False)  # best/ (or the latest): the arm's model as its evaluations load it
+    ids = torch.randint(0, 8, (1, 12), generator=torch.Generator().manual_seed(0))
+    for step in (0, 2):
+        checkpoint = out / "checkpoints" / f"step-{step:08d}"
+        swapped, own = with_weights(load, checkpoint)()[0], load_for_eval(checkpoint)[0]
+        assert swapped is load()[0]  # the same model object, not a new load
+        with torch.no_grad():
+            assert torch.equal(swapped(ids).logits, own(ids).logits), step
+    with torch.no_grad():  # and the two points differ: the weights were really swapped
+        first = with_weights(load, out / "checkpoints" / "step-00000000")()[0](ids).logits
+        assert not torch.equal(first, with_weights(load, out / "checkpoints" / "step-00000002")()[0](ids).logits)
