@@ -111,11 +111,9 @@ def cmd_eval(args, extra) -> int:
 
 def _eval_tasks(args) -> int:
     """`eval --task`: benchmarks (tasks.py) on a checkpoint or its large model alone; a table, JSONL and summary."""
-    import json
     import shutil
 
-    from .files import atomic_write_json, atomic_write_text
-    from .tasks import default_out, evaluate_tasks, parse_task_names, summary_path, table
+    from .tasks import default_out, evaluate_tasks, parse_task_names, summary_path, table, write_results
 
     names = parse_task_names(args.task)
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.large_only)
@@ -124,8 +122,7 @@ def _eval_tasks(args) -> int:
                                      limit=args.limit, batch_size=args.batch_size,
                                      max_new_tokens=args.max_new_tokens, resume_dir=resume_dir)
     print(table(summaries))
-    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
-    atomic_write_json(summary_path(out), summaries)
+    write_results(out, rows, summaries)
     shutil.rmtree(resume_dir, ignore_errors=True)
     print(f"wrote {out} (one line per item) and {summary_path(out)}")
     return 0

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from .config import LLMModulesConfig
 from .errors import UserError
-from .files import atomic_write_json, atomic_write_text
+from .files import atomic_write_json
 
 SEGMENTS = "train.runs.jsonl"  # one line per training process of an arm: its wall time, peak memory, exit status
 SMOLLM = {"name_or_path": "smollm2-135m-instruct", "config": None, "pretrained": True, "overrides": {}}
@@ -206,7 +206,7 @@ def evaluate_arm(checkpoint: Path, tasks: dict, out: Path, *, large_only: bool, 
                  max_new_tokens: Optional[int], load: Optional[Callable[[], tuple]] = None, log=print) -> list[dict]:
     """`eval --task` for `tasks` ({task: items}), once: the summary file is what a rerun finds, and an interrupted
     generation task continues after its last finished batch. `load`: gives the loaded checkpoint (load_once)."""
-    from .tasks import evaluate_tasks, progress_path, summary_path
+    from .tasks import evaluate_tasks, progress_path, summary_path, write_results
 
     summaries = []
     for task, limit in tasks.items():
@@ -215,8 +215,7 @@ def evaluate_arm(checkpoint: Path, tasks: dict, out: Path, *, large_only: bool, 
             rows, summary = evaluate_tasks(str(checkpoint), [task], large_only=large_only, limit=limit,
                                            batch_size=batch_size, max_new_tokens=max_new_tokens, resume_dir=out,
                                            loaded=load() if load else None, log=log)
-            atomic_write_text(answers, "".join(json.dumps(r) + "\n" for r in rows))
-            atomic_write_json(summary_path(answers), summary)
+            write_results(answers, rows, summary)
             progress_path(out, task).unlink(missing_ok=True)
         summaries += json.loads(summary_path(answers).read_text())
     return summaries

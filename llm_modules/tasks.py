@@ -416,3 +416,11 @@ def default_out(checkpoint: str, large_only: bool) -> Path:
 
 def summary_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
+
+
+def write_results(out: Path, rows: list[dict], summaries: list[dict]) -> None:
+    """The per-item answers (JSONL at `out`) and the summaries (summary_path(out)), each written atomically."""
+    from .files import atomic_write_json, atomic_write_text
+
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(summary_path(out), summaries)
