@@ -267,15 +267,8 @@ def with_weights(load: Callable[[], tuple], checkpoint: Path) -> Callable[[], tu
     """load(), with the trained weights of `checkpoint` (a checkpoint of the same run) copied into its model: a
     curve point costs a read of the trained tensors, not another load of the frozen large model."""
     def swapped() -> tuple:
-        from .checkpoint import WEIGHTS_NAME, load_tensors
-        from .model import check_signature
-
         model, *rest = load()
-        where = str(checkpoint / WEIGHTS_NAME)
-        tensors, meta = load_tensors(checkpoint / WEIGHTS_NAME)
-        if "llm_modules" in meta:
-            check_signature(json.loads(meta["llm_modules"]), model.signature(), where)
-        model.load_trainable(tensors, where)
+        model.load_weights_from(checkpoint)
         return (model, *rest)
 
     return swapped

@@ -236,10 +236,19 @@ class LLMModules(nn.Module):
         if config is not None:
             check_compatible(config, saved, str(d))
         model = cls.from_config(config or saved, tokenizer=tokenizer)
-        if "llm_modules" in meta:
-            check_signature(json.loads(meta["llm_modules"]), model.signature(), str(d / WEIGHTS_NAME))
-        model.load_trainable(tensors, str(d / WEIGHTS_NAME))
+        model._load_saved(tensors, meta, str(d / WEIGHTS_NAME))
         return model
+
+    def load_weights_from(self, directory: Union[str, Path]) -> None:
+        """The trained weights of another save_pretrained directory of this model (a step checkpoint of the same
+        run, say) copied into it; the frozen large model is not loaded again."""
+        path = Path(directory) / WEIGHTS_NAME
+        self._load_saved(*load_tensors(path), str(path))
+
+    def _load_saved(self, tensors: dict[str, torch.Tensor], meta: dict[str, str], where: str) -> None:
+        if "llm_modules" in meta:
+            check_signature(json.loads(meta["llm_modules"]), self.signature(), where)
+        self.load_trainable(tensors, where)
 
     def signature(self) -> dict:
         """What a checkpoint must agree on to be loadable into this model."""
