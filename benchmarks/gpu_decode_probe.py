@@ -6,8 +6,9 @@ The paper-size model of benchmarks/gpu.py (random weights, bf16, no training fir
 256-token prompt with llm_modules.generate.stream, and the frozen large model alone decodes 24 tokens with its own
 DynamicCache (Hugging Face's path, no bridge, no small model): with torch's default CPU threads (one per core), then
 with one thread, then with one thread and Python's garbage collector off. It prints the milliseconds of each step
-(torch.cuda.synchronize() after each), so that a jump from one regime to another shows. Run on an H200 as it stands
-(docs/benchmarks.md, "GPU").
+(torch.cuda.synchronize() after each; common.time_stream for the combined model), so that a jump from one regime
+to another shows. Measured on an H200 (docs/benchmarks.md, "GPU"; there the combined model's loop was written inline,
+with the same clock points as time_stream).
 """
 import gc
 import sys
@@ -20,8 +21,8 @@ sys.path[:0] = [str(REPO / "benchmarks"), str(REPO)]
 import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
+from common import time_stream  # noqa: E402
 from gpu import PAPER, build  # noqa: E402
-from llm_modules.generate import SamplingConfig, stream  # noqa: E402
 
 
 def main() -> int:
@@ -34,13 +35,7 @@ def main() -> int:
     ids = torch.randint(0, 151936, (1, 256), device=dev)
 
     def ours(n=24):
-        it = stream(model, ids, None, SamplingConfig(max_new_tokens=n), eos_token_id=None)
-        torch.cuda.synchronize()
-        t = [time.perf_counter()]
-        for _ in it:
-            torch.cuda.synchronize()
-            t.append(time.perf_counter())
-        return [round((b - a) * 1e3, 1) for a, b in zip(t, t[1:])]
+        return [round(t * 1e3, 1) for t in time_stream(model, ids, n, True, torch.cuda.synchronize)[0]]
 
     @torch.no_grad()
     def hf_large(n=24):
