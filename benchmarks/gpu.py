@@ -406,15 +406,15 @@ def report(result: dict) -> str:
              f"{' [SMOKE sizes]' if result['smoke'] else ''}",
              f"trainable {result['params']['trainable']:,} / frozen large {result['params']['frozen_large']:,} params; "
              f"seq {result['sizes']['seq_len']} x batch {result['sizes']['batch']}; peak {result['peak_tflops']} TFLOP/s",
-             "", "| features | grad ckpt | tokens/s | step s | peak GiB | TFLOP/s | MFU | MFU without the frozen forward |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| features | grad ckpt | tokens/s | step s | peak GiB | TFLOP/s | MFU "
+                 "| MFU without the frozen forward |", "|---|---|---|---|---|---|---|---|"]
     for a in result["train"]:
         if "error" in a:
             lines.append(f"| {a['features']} | {a['gradient_checkpointing']} | {a['error']} | | | | | |")
             continue
-        mfu, mfu_trained = (f"{100 * a[k]:.1f}%" if a.get(k) is not None else "n/a" for k in ("mfu", "mfu_trainable_only"))
+        mfu, trained = (f"{100 * a[k]:.1f}%" if a.get(k) is not None else "n/a" for k in ("mfu", "mfu_trainable_only"))
         lines.append(f"| {a['features']} | {'on' if a['gradient_checkpointing'] else 'off'} | {a['tokens_per_s']:,.0f} "
-                     f"| {a['step_s']:.3f} | {a['peak_memory_gib']} | {a['achieved_tflops']:.1f} | {mfu} | {mfu_trained} |")
+                     f"| {a['step_s']:.3f} | {a['peak_memory_gib']} | {a['achieved_tflops']:.1f} | {mfu} | {trained} |")
     g = result["generation"]
     if g:
         c, r = g["cached"], g["recompute"]

@@ -1,10 +1,11 @@
 """The properties that a device could break, checked on every device this machine has: the CPU always, CUDA where
 torch sees a GPU (benchmarks/gpu_check.sh runs this file there; on a machine without one the CUDA cases skip).
 
-Cached decoding equals full recompute, the model is causal, a bf16-autocast training step through the real training
-loop (accelerate puts it on the GPU when there is one) trains the trainable weights only, and a checkpoint saved from a
-device loads back to the same logits. fp32 comparisons use a tolerance rather than exact equality: GPU kernels (SDPA,
-cuBLAS) pick different algorithms for different shapes, so the cached and the full pass round differently.
+Cached decoding equals full recompute, the model is causal, a bf16-autocast step trains the trainable weights only, a
+checkpoint saved from a device loads back to the same logits, and the training CLI runs in bf16 and resumes on the
+device accelerate picks (the GPU when there is one). fp32 comparisons use a tolerance rather than exact equality:
+GPU kernels (SDPA, cuBLAS) pick different algorithms for different shapes, so the cached and the full pass round
+differently.
 """
 import json
 import subprocess
@@ -93,8 +94,8 @@ def test_training_cli_in_bf16_on_the_default_device(tmp_path):
     """The training loop as users run it: accelerate picks the GPU when there is one (the CPU otherwise), bf16 mixed
     precision, a checkpoint, and a resume that continues from it."""
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "llm_modules", "train", "--config", "configs/tiny-random.yaml", "--output-dir", str(out),
-            "--train.mixed_precision", "bf16", "--train.eval_every", "2", "--save-every", "2"]
+    args = [sys.executable, "-m", "llm_modules", "train", "--config", "configs/tiny-random.yaml", "--output-dir",
+            str(out), "--train.mixed_precision", "bf16", "--train.eval_every", "2", "--save-every", "2"]
     for steps in (2, 4):  # own processes: accelerate's state is per process, and other tests set it without bf16
         r = subprocess.run([*args, "--max-steps", str(steps)], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
