@@ -102,10 +102,11 @@ SUITES = {
                    curve_task=("gsm8k", 30), curve_points=2),
 }
 # --quick: every arm, the same code paths, small slices (minutes, not hours); curves of two points (step 0, the end).
+# The slices hold a few times the examples the steps read: the feature cache holds the whole slice.
 QUICK = {
-    "facts": replace(SUITES["facts"], data={**SUITES["facts"].data, "max_examples": 400}, steps=8, batch_size=8,
+    "facts": replace(SUITES["facts"], data={**SUITES["facts"].data, "max_examples": 160}, steps=4, batch_size=8,
                      tests={"facts": 16}, curve_task=("facts", 8), curve_points=1, speed=(8, 1)),
-    "gsm8k": replace(SUITES["gsm8k"], data={**SUITES["gsm8k"].data, "max_examples": 80}, steps=4, batch_size=4,
+    "gsm8k": replace(SUITES["gsm8k"], data={**SUITES["gsm8k"].data, "max_examples": 40}, steps=2, batch_size=4,
                      tests={"gsm8k": 4}, extra_tests={"hellaswag": 10, "arc_easy": 10}, curve_task=("gsm8k", 2),
                      curve_points=1, max_new_tokens=32, speed=(8, 1)),
 }
@@ -174,8 +175,10 @@ def run_process(argv: list[str], log_path: Path, log=print) -> None:
                         f"{log_path}:\n  " + "\n  ".join(tail))
 
 
-def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], log=print) -> dict:
-    """Train (or find trained) one arm; train.json holds what it cost. A killed run resumes where it stopped."""
+def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], load: Callable[[], tuple],
+              log=print) -> dict:
+    """Train (or find trained) one arm; train.json holds what it cost. A killed run resumes where it stopped.
+    `load`: gives the trained checkpoint (load_once), whose trainable parameters are counted."""
     out = Path(cfg.train.output_dir)
     done = out / "train.json"
     if done.is_file():
@@ -190,12 +193,8 @@ def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], log
     runs = [json.loads(ln) for ln in (out / SEGMENTS).read_text().splitlines() if ln.strip()]
     cost = {"wall_seconds": sum(r["wall_seconds"] for r in runs), "runs": len(runs),  # a resumed arm: all its runs
             "peak_memory_gib": max(r["peak_memory_gib"] for r in runs)}
-    from .loading import load_for_eval
-
-    model = load_for_eval(out)[0]
-    trainable = (sum(p.numel() for _, p in model.trainable_named_parameters()) if arm.kind == "train"
+    trainable = (sum(p.numel() for _, p in load()[0].trainable_named_parameters()) if arm.kind == "train"
                  else json.loads((out / "best" / "finetune.json").read_text())["trainable_params"])
-    del model
     steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     result = {**cost, "trainable_params": trainable, "steps": max(r["step"] for r in steps)}
     atomic_write_json(done, result)
@@ -304,16 +303,15 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
             cfg = arm_config(base, suite, arm, d)
             log(f"\n--- {name} / {arm_name} ({time.perf_counter() - t_start:.0f} s) ---")
             r: dict = {"note": arm.note}
+            checkpoint, large_only = (d / "arm.yaml", True) if arm.kind == "large" else (d, False)
+            load = load_once(checkpoint, large_only)  # one load per arm: its count, evaluations, speed and curve
             if arm.kind == "large":
                 d.mkdir(parents=True, exist_ok=True)
                 cfg.save_yaml(d / "arm.yaml")
-                checkpoint, large_only = d / "arm.yaml", True
                 r.update(trainable_params=0, steps=0)
             else:
-                r.update(train_arm(cfg, arm, target, log))
-                checkpoint, large_only = d, False
+                r.update(train_arm(cfg, arm, target, load, log))
             tests = {**suite.tests, **(suite.extra_tests if arm_name in suite.extra_arms else {})}
-            load = load_once(checkpoint, large_only)
             r["eval"] = {s["task"]: s for s in evaluate_arm(checkpoint, tests, d / "eval", large_only=large_only,
                                                             batch_size=16, max_new_tokens=suite.max_new_tokens,
                                                             load=load, log=log)}
