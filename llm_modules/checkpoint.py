@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -57,6 +57,20 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise UserError(f"{path}: unreadable or corrupt safetensors file ({e})") from None
 
 
+def publish_dir(final: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a fresh temporary sibling of `final`, then publish it under `final` in one rename
+    (replace_dir). On any failure the temporary directory goes and the error propagates: `final` is as it was."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Publish a fully written directory under its final name (the old one, if any, is removed after)."""
     _fsync_dir(tmp_dir)
@@ -91,14 +105,10 @@ def rng_states(accelerator) -> dict[str, torch.Tensor]:
 
 def write_training_checkpoint(directory: Path, model, weights: dict, optimizer_state: dict, scheduler, accelerator,
                               progress: dict, rng: dict[str, torch.Tensor]) -> None:
-    """Everything a resumed run needs, written into `directory` (a temporary name published by replace_dir).
+    """Everything a resumed run needs, written into the empty `directory` (publish_dir's temporary one).
     `weights` / `optimizer_state`: whole tensors from sharded_state.gather; `rng`: from rng_states."""
     import random
 
-    directory = Path(directory)
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
     model.save_pretrained(directory, tensors=weights)
     opt_tensors, groups = flatten_optimizer(optimizer_state)
     save_tensors(directory / OPTIMIZER_NAME, opt_tensors)

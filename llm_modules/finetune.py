@@ -511,22 +511,13 @@ def save_best(run: FinetuneRun) -> None:
 
 
 def _write_dir(final: Path, write) -> None:
-    """write(tmp) into a temporary sibling of `final`, then publish it in one rename (checkpoint.replace_dir); on
-    any failure the temporary directory goes, and a failed write (a full disk: OSError, or SafetensorError from
-    inside Hugging Face's save_pretrained) is a UserError naming `final`."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """checkpoint.publish_dir(final, write), a failed write (a full disk: OSError, or SafetensorError from inside
+    Hugging Face's save_pretrained) a UserError naming `final`."""
     try:
-        tmp.mkdir(parents=True)
-        write(tmp)
-        ckpt.replace_dir(tmp, final)
+        ckpt.publish_dir(final, write)
     except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not save {final} ({getattr(e, 'strerror', None) or e}); free some space and run "
                         "again") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager

@@ -436,27 +436,20 @@ def save_checkpoint(run: Run, best: bool) -> None:
 def _write_checkpoint(run: Run, best: bool, weights: dict, optimizer_state: dict, rng: dict) -> Optional[str]:
     """Write and publish the step's checkpoint (and best/); returns why it could not be written, or None."""
     root = run.out / "checkpoints"
-    final = root / f"step-{run.progress.step:08d}"
-    tmp = root / f".step-{run.progress.step:08d}.tmp"
     try:
         if best:  # before the step is published: a run killed in between redoes the step and writes best/ again
             run.unwrapped.save_pretrained(run.out / "best", tensors=weights)
             for stale in (run.out / "best").glob(".*.tmp"):  # a file being written when such a run was killed
                 stale.unlink(missing_ok=True)
-        ckpt.write_training_checkpoint(tmp, run.unwrapped, weights, optimizer_state, run.scheduler, run.accelerator,
-                                       run.progress.__dict__, rng)
-        ckpt.replace_dir(tmp, final)
+        ckpt.publish_dir(root / f"step-{run.progress.step:08d}", lambda d: ckpt.write_training_checkpoint(
+            d, run.unwrapped, weights, optimizer_state, run.scheduler, run.accelerator, run.progress.__dict__, rng))
     except (OSError, UserError) as e:  # a full disk, a vanished directory ...
-        shutil.rmtree(tmp, ignore_errors=True)
         cause = e.__context__ if isinstance(e, UserError) else e  # atomic_write's UserError wraps the OSError
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e)
         intact = ckpt.latest_training_checkpoint(root, log=lambda *a: None)
         return (f"could not save the checkpoint of step {run.progress.step} in {root} ({reason}); "
                 + (f"{intact.name} is intact: free some space and run the same command again to resume from it"
                    if intact else "there is no earlier checkpoint"))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     ckpt.prune_checkpoints(root, keep=2, keep_every=run.cfg.train.keep_every)
     return None
 
