@@ -9,6 +9,7 @@ docs/benchmarks-tasks.md; this file is the code that implements them.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -310,19 +311,24 @@ def per_relation(rows: list[dict]) -> dict:
 
 
 # ---- log-likelihood tasks through lm-evaluation-harness --------------------------------------------------------
+@functools.cache
+def task_manager(root: Optional[Path]):
+    """lm-eval's TaskManager: its own tasks (root None), or ours reading the local copies under `root`. Built once
+    per process (it indexes every task file lm-eval ships, about 10 s), since each evaluation builds fresh tasks."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager() if root is None else TaskManager(include_path=str(LM_EVAL_TASKS),
+                                                           metadata={"data_dir": str(root)})
+
+
 def run_loglikelihood(names: list[str], lm, root: Optional[Path], limit: Optional[int]) -> dict[str, tuple]:
     """{name: (rows, summary fields)} for hellaswag / arc_* through lm-eval with `lm` (a harness.LLMModulesLM)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    if root is None:
-        manager, lm_names = TaskManager(), {n: LOGLIKELIHOOD_TASKS[n][1] for n in names}
-    else:
-        manager = TaskManager(include_path=str(LM_EVAL_TASKS), metadata={"data_dir": str(root)})
-        lm_names = {n: LOGLIKELIHOOD_TASKS[n][0] for n in names}
+    lm_names = {n: LOGLIKELIHOOD_TASKS[n][0 if root is not None else 1] for n in names}
     t0 = time.perf_counter()
-    res = lm_eval.simple_evaluate(model=lm, tasks=list(lm_names.values()), limit=limit, task_manager=manager,
-                                  log_samples=True, bootstrap_iters=0)
+    res = lm_eval.simple_evaluate(model=lm, tasks=list(lm_names.values()), limit=limit,
+                                  task_manager=task_manager(root), log_samples=True, bootstrap_iters=0)
     seconds = time.perf_counter() - t0
     total = sum(len(res["samples"][t]) for t in lm_names.values())
     out = {}

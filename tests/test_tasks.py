@@ -141,6 +141,9 @@ def test_shipped_lm_eval_tasks_load_offline_and_match_the_harness_command(checkp
     rows, summaries = tasks.evaluate_tasks(str(checkpoint), ["hellaswag", "arc_easy"], limit=4, batch_size=4,
                                            log=lambda *a: None)
     assert [s["n"] for s in summaries] == [4, 4] and len(rows) == 8
+    again = tasks.evaluate_tasks(str(checkpoint), ["hellaswag", "arc_easy"], limit=4, batch_size=4,
+                                 log=lambda *a: None)  # the TaskManager reused (built once a process), tasks fresh
+    assert again[0] == rows and tasks.task_manager.cache_info().hits >= 1
     direct = evaluate_harness(checkpoint, "hellaswag_local,arc_easy_local", limit=4, batch_size=4,
                               include_path=tasks.LM_EVAL_TASKS, bootstrap_iters=0)["results"]
     for s in summaries:
