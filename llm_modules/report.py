@@ -10,7 +10,8 @@ from .tasks import proportion
 
 FACTS_FLOOR = 0.10  # facts: relations where the large model alone scores above this are the headline
 # Arms compared item by item (the same questions), when both have been evaluated: (arm, the arm it is compared with).
-PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"),
+PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), ("combined-large", "combined-paper"),
+         ("combined-large", "distill"), ("combined-large", "lora"),
          ("combined-large-wide-kd", "combined-large-wide"), ("combined-large-wide", "large-alone"),
          ("combined-large-wide-kd", "large-alone"), ("lora", "large-alone"), ("prompt-smollm", "smollm-ft"))
 
@@ -75,6 +76,14 @@ def paired_table(out: Path, suite: str, task: str) -> str:
             b_only = sum(rows[1][i]["correct"] and not rows[0][i]["correct"] for i in ids)
             lines.append(f"| {a} | {b} | {name} ({len(ids)}) | {a_only} | {b_only} | {sign_test(a_only, b_only):.4f} |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def paired_sections(results: dict, out: Path, suite: str) -> list[str]:
+    """paired_table for each task the suite's arms were evaluated on, the suite's own task first."""
+    tasks = sorted(dict.fromkeys(t for r in results["suites"][suite].values() for t in r["eval"]),
+                   key=lambda t: t != suite)
+    return [f"Paired comparisons on the same {task} items:\n\n" + table
+            for task in tasks if (table := paired_table(out, suite, task))]
 
 
 def _acc(s: dict) -> str:
@@ -177,9 +186,7 @@ def write_report(results: dict, out: Path) -> str:
             parts.append("Known relations (the large model alone above 10%): " + ", ".join(rels) + ". The floor of "
                          "their prior on the same questions: "
                          + _acc(restricted(out, suite, "large-alone", rels, "prior_correct")) + ".")
-        paired = paired_table(out, suite, suite)
-        if paired:
-            parts.append("Paired comparisons on the same items:\n\n" + paired)
+        parts += paired_sections(results, out, suite)
         if any(r.get("curve") for r in results["suites"][suite].values()):
             parts.append("Learning curves:\n\n" + curve_table(results, suite))
             plot_curves(results, out, suite, out / f"curves-{suite}.png")

@@ -117,6 +117,25 @@ def test_paired_comparison_counts_discordant_items_and_gives_the_exact_sign_test
     assert len(table) == 4  # pairs with an arm not evaluated are left out
 
 
+def test_paired_comparisons_cover_every_task_of_the_suite_its_own_first(tmp_path):
+    from llm_modules.report import paired_sections
+
+    for arm, (gsm8k, hellaswag) in {"combined-large": ([True, False], [True, True, False]),
+                                    "combined-paper": ([False, False], [False, True, True])}.items():
+        d = tmp_path / "gsm8k" / arm / "eval"
+        d.mkdir(parents=True)
+        for task, flags in (("gsm8k", gsm8k), ("hellaswag", hellaswag)):
+            (d / f"{task}.jsonl").write_text("".join(json.dumps({"id": f"{task}/{i}", "correct": c}) + "\n"
+                                                     for i, c in enumerate(flags)))
+    results = {"suites": {"gsm8k": {a: {"eval": {"hellaswag": {}, "gsm8k": {}}} for a in ("combined-large",
+                                                                                         "combined-paper")}}}
+    sections = paired_sections(results, tmp_path, "gsm8k")
+    assert [s.splitlines()[0] for s in sections] == ["Paired comparisons on the same gsm8k items:",
+                                                     "Paired comparisons on the same hellaswag items:"]
+    assert sections[0].splitlines()[-1] == "| combined-large | combined-paper | all (2) | 1 | 0 | 1.0000 |"
+    assert sections[1].splitlines()[-1] == "| combined-large | combined-paper | all (3) | 1 | 1 | 1.0000 |"
+
+
 def test_curve_points_reuse_the_loaded_model_with_each_checkpoints_weights(tmp_path):
     """with_weights: the trained tensors of a step checkpoint copied into the arm's loaded model give the logits a
     separate load of that checkpoint gives (the large model is not loaded again per curve point)."""
