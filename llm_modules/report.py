@@ -78,6 +78,15 @@ def paired_table(out: Path, suite: str, task: str) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def cost_line(results: dict, suite: str) -> str:
+    """The suite's measured time, summed over its arms and over every sitting each ran in."""
+    arms = results["suites"][suite].values()
+    train = sum(r.get("wall_seconds", 0) for r in arms) / 60
+    tests = sum(s.get("seconds", 0) for r in arms for s in r["eval"].values()) / 60
+    return (f"Time: training {train:.1f} min and test evaluations {tests:.1f} min ({train + tests:.1f} min, "
+            f"{len(arms)} arms; curve points, decode-speed timing and model loads come on top).")
+
+
 def paired_sections(results: dict, out: Path, suite: str) -> list[str]:
     """paired_table for each task the suite's arms were evaluated on, the suite's own task first."""
     tasks = sorted(dict.fromkeys(t for r in results["suites"][suite].values() for t in r["eval"]),
@@ -186,6 +195,7 @@ def write_report(results: dict, out: Path) -> str:
             parts.append("Known relations (the large model alone above 10%): " + ", ".join(rels) + ". The floor of "
                          "their prior on the same questions: "
                          + _acc(restricted(out, suite, "large-alone", rels, "prior_correct")) + ".")
+        parts.append(cost_line(results, suite))
         parts += paired_sections(results, out, suite)
         if any(r.get("curve") for r in results["suites"][suite].values()):
             parts.append("Learning curves:\n\n" + curve_table(results, suite))

@@ -34,6 +34,8 @@ def test_miniature_experiment_trains_evaluates_reports_and_does_not_redo_work(tm
     assert "peak_memory_gib" in results["combined-large"] and results["combined-large"]["wall_seconds"] > 0
     table = (out / "results.md").read_text()
     assert "| combined-large |" in table and "| lora |" in table and "Known relations" in table
+    train = sum(r["wall_seconds"] for r in results.values() if "wall_seconds" in r) / 60
+    assert f"Time: training {train:.1f} min and test evaluations" in table
     assert (out / "curves-facts.png").stat().st_size > 1000 and (out / "frontier-facts.png").stat().st_size > 1000
     logs = {p: p.stat().st_mtime_ns for p in out.rglob("*.log")}
     assert main(argv) == 0  # a rerun finds every arm trained and every evaluation written
