@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .files import atomic_write_json, atomic_write_text
 from .config import LLMModulesConfig
-from .experiment import ARMS, SUITES, arm_config, evaluate_arm, train_arm
+from .experiment import ARMS, SUITES, arm_config, evaluate_arm, prepare_arm
 from .plots import plot_metrics
 from .tasks import proportion_text
 
@@ -35,17 +35,9 @@ def run_demo(cfg: LLMModulesConfig, out: Path, *, questions: int = 200, steps: i
     for name, arm in arms.items():
         log(f"\n=== {name}: {arm.note} ({time.perf_counter() - t0:.0f} s) ===")
         d = out / name
-        c = arm_config(cfg, suite, arm, d)
-        if arm.kind == "large":
-            d.mkdir(parents=True, exist_ok=True)
-            c.save_yaml(d / "arm.yaml")
-            results[name] = {"trainable_params": 0, "steps": 0}
-            checkpoint, large_only = d / "arm.yaml", True
-        else:
-            results[name] = train_arm(c, arm, None, log)
-            checkpoint, large_only = d, False
+        results[name], checkpoint, large_only, load = prepare_arm(arm_config(cfg, suite, arm, d), arm, None, log)
         (summary,) = evaluate_arm(checkpoint, suite.tests, d / "eval", large_only=large_only, batch_size=16,
-                                  max_new_tokens=None, log=log)
+                                  max_new_tokens=None, load=load, log=log)
         results[name]["facts"] = summary
     results["wall_seconds"] = time.perf_counter() - t0
     table = comparison_table(results, arms)

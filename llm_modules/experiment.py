@@ -201,6 +201,21 @@ def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], loa
     return result
 
 
+def prepare_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], log=print
+                ) -> tuple[dict, Path, bool, Callable[[], tuple]]:
+    """An arm ready to evaluate in cfg.train.output_dir: trained (train_arm), or for the large model alone its
+    arm.yaml written. Returns what training cost, the checkpoint, whether it is the large model alone, and its one
+    load (load_once), shared by the parameter count, the evaluations, the speed and the curve."""
+    d = Path(cfg.train.output_dir)
+    checkpoint, large_only = (d / "arm.yaml", True) if arm.kind == "large" else (d, False)
+    load = load_once(checkpoint, large_only)
+    if arm.kind != "large":
+        return train_arm(cfg, arm, target_params, load, log), checkpoint, large_only, load
+    d.mkdir(parents=True, exist_ok=True)
+    cfg.save_yaml(d / "arm.yaml")
+    return {"trainable_params": 0, "steps": 0}, checkpoint, large_only, load
+
+
 def evaluate_arm(checkpoint: Path, tasks: dict, out: Path, *, large_only: bool, batch_size: int,
                  max_new_tokens: Optional[int], load: Optional[Callable[[], tuple]] = None, log=print) -> list[dict]:
     """`eval --task` for `tasks` ({task: items}), once: the summary file is what a rerun finds, and an interrupted
@@ -302,15 +317,8 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
             d = out / name / arm_name
             cfg = arm_config(base, suite, arm, d)
             log(f"\n--- {name} / {arm_name} ({time.perf_counter() - t_start:.0f} s) ---")
-            r: dict = {"note": arm.note}
-            checkpoint, large_only = (d / "arm.yaml", True) if arm.kind == "large" else (d, False)
-            load = load_once(checkpoint, large_only)  # one load per arm: its count, evaluations, speed and curve
-            if arm.kind == "large":
-                d.mkdir(parents=True, exist_ok=True)
-                cfg.save_yaml(d / "arm.yaml")
-                r.update(trainable_params=0, steps=0)
-            else:
-                r.update(train_arm(cfg, arm, target, load, log))
+            trained, checkpoint, large_only, load = prepare_arm(cfg, arm, target, log)
+            r: dict = {"note": arm.note, **trained}
             tests = {**suite.tests, **(suite.extra_tests if arm_name in suite.extra_arms else {})}
             r["eval"] = {s["task"]: s for s in evaluate_arm(checkpoint, tests, d / "eval", large_only=large_only,
                                                             batch_size=16, max_new_tokens=suite.max_new_tokens,
