@@ -38,6 +38,7 @@ def run_demo(cfg: LLMModulesConfig, out: Path, *, questions: int = 200, steps: i
         results[name], checkpoint, large_only, load = prepare_arm(arm_config(cfg, suite, arm, d), arm, None, log)
         (summary,) = evaluate_arm(checkpoint, suite.tests, d / "eval", large_only=large_only, batch_size=16,
                                   max_new_tokens=None, load=load, log=log)
+        del load  # the model goes before the next arm trains
         results[name]["facts"] = summary
     results["wall_seconds"] = time.perf_counter() - t0
     table = comparison_table(results, arms)
