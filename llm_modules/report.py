@@ -11,7 +11,8 @@ from .tasks import proportion
 FACTS_FLOOR = 0.10  # facts: relations where the large model alone scores above this are the headline
 # Arms compared item by item (the same questions), when both have been evaluated: (arm, the arm it is compared with).
 PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), ("combined-large", "combined-paper"),
-         ("combined-large", "distill"), ("combined-large", "lora"),
+         ("combined-large", "distill"), ("combined-large", "lora"), ("combined-large", "smollm-ft"),
+         ("smollm-ft", "lora"),
          ("combined-large-wide-kd", "combined-large-wide"), ("combined-large-wide", "large-alone"),
          ("combined-large-wide-kd", "large-alone"), ("lora", "large-alone"), ("prompt-smollm", "smollm-ft"))
 
