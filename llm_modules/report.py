@@ -32,6 +32,11 @@ def ordered(results: dict, suite: str) -> dict:
     return {a: arms[a] for a in [*results.get("arm_order", []), *sorted(arms)] if a in arms}
 
 
+def evaluated_tasks(results: dict, suite: str) -> list[str]:
+    """Every task the suite's arms were evaluated on, in the order the arms (ordered) first have them."""
+    return list(dict.fromkeys(t for r in ordered(results, suite).values() for t in r["eval"]))
+
+
 def _rows(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
@@ -90,8 +95,7 @@ def cost_line(results: dict, suite: str) -> str:
 
 def paired_sections(results: dict, out: Path, suite: str) -> list[str]:
     """paired_table for each task the suite's arms were evaluated on, the suite's own task first."""
-    tasks = sorted(dict.fromkeys(t for r in results["suites"][suite].values() for t in r["eval"]),
-                   key=lambda t: t != suite)
+    tasks = sorted(evaluated_tasks(results, suite), key=lambda t: t != suite)
     return [f"Paired comparisons on the same {task} items:\n\n" + table
             for task in tasks if (table := paired_table(out, suite, task))]
 
@@ -103,7 +107,7 @@ def _acc(s: dict) -> str:
 def suite_table(results: dict, out: Path, suite: str) -> str:
     arms = ordered(results, suite)
     head = headline(results, out, suite)
-    tasks = [t for t in dict.fromkeys(t for r in arms.values() for t in r["eval"])]
+    tasks = evaluated_tasks(results, suite)
     cols = ["arm", "trainable params", "train min", "peak GiB", *(
         ["facts, known relations", "facts, all relations", "facts, answers never seen in training"]
         if suite == "facts" else tasks),
