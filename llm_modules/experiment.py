@@ -89,7 +89,7 @@ class Suite:
     curve_task: tuple = ("facts", 300)
     curve_points: int = 4  # evaluated at step 0 and at every steps / curve_points
     max_new_tokens: Optional[int] = None
-    speed: tuple = (48, 2)  # decode speed: new tokens per row, timed repeats (tasks.decode_speed)
+    speed: tuple = (48, 2, 64)  # decode speed: new tokens per row, timed repeats, prompt tokens (tasks.decode_speed)
 
 
 SUITES = {
@@ -102,13 +102,15 @@ SUITES = {
                    curve_task=("gsm8k", 30), curve_points=2),
 }
 # --quick: every arm, the same code paths, small slices (minutes, not hours); curves of two points (step 0, the end).
-# The slices hold a few times the examples the steps read: the feature cache holds the whole slice.
+# The slices hold twice the examples the steps read (the feature cache and the warm start read the whole slice
+# through the large model); speed is timed on a 16-token prompt (the 64-token one's prefill at batch 16 through the
+# large model was most of an arm's timing).
 QUICK = {
-    "facts": replace(SUITES["facts"], data={**SUITES["facts"].data, "max_examples": 160}, steps=4, batch_size=8,
-                     tests={"facts": 16}, curve_task=("facts", 8), curve_points=1, speed=(8, 1)),
-    "gsm8k": replace(SUITES["gsm8k"], data={**SUITES["gsm8k"].data, "max_examples": 40}, steps=2, batch_size=4,
+    "facts": replace(SUITES["facts"], data={**SUITES["facts"].data, "max_examples": 80}, steps=4, batch_size=8,
+                     tests={"facts": 16}, curve_task=("facts", 8), curve_points=1, speed=(8, 1, 16)),
+    "gsm8k": replace(SUITES["gsm8k"], data={**SUITES["gsm8k"].data, "max_examples": 16}, steps=2, batch_size=4,
                      tests={"gsm8k": 4}, extra_tests={"hellaswag": 10, "arc_easy": 10}, curve_task=("gsm8k", 2),
-                     curve_points=1, max_new_tokens=32, speed=(8, 1)),
+                     curve_points=1, max_new_tokens=32, speed=(8, 1, 16)),
 }
 
 
@@ -236,16 +238,16 @@ def evaluate_arm(checkpoint: Path, tasks: dict, out: Path, *, large_only: bool, 
 
 
 def speed_arm(load: Callable[[], tuple], out: Path, *, large_only: bool, speed: tuple) -> dict:
-    """Decode tokens/s at batch 1 and 16 (tasks.decode_speed: 64-token prompt; `speed`: new tokens, timed
-    repeats) of the checkpoint `load` gives (load_once), once."""
+    """Decode tokens/s at batch 1 and 16 (tasks.decode_speed; `speed`: new tokens, timed repeats, prompt tokens) of
+    the checkpoint `load` gives (load_once), once."""
     path = out / "speed.json"
     if not path.is_file():
         from .tasks import decode_speed, generator_for
 
         model, tok, cfg, _ = load()
         gen = generator_for(model.eval(), tok, cfg, large_only)
-        new_tokens, repeats = speed
-        atomic_write_json(path, {f"batch_{b}": decode_speed(gen, b, new_tokens=new_tokens, repeats=repeats)
+        new_tokens, repeats, prompt_tokens = speed
+        atomic_write_json(path, {f"batch_{b}": decode_speed(gen, b, prompt_tokens, new_tokens, repeats)
                                  for b in (1, 16)})
     return json.loads(path.read_text())
 
