@@ -12,9 +12,10 @@ model's trainable-parameter count (finetune.py).
 Each arm trains in a process of its own (its wall time and peak memory are its own; a training run resumes if it
 was interrupted); every evaluation is written once, as `eval --task` writes it, and found again by a rerun, which
 skips what is done. Layout: <out>/<suite>/<arm>/ (the arm's config `arm.yaml`, its training output, `train.json`,
-`eval/<tasks>.summary.json`, `curve/step-<k>.summary.json`, `speed.json`), <out>/results.json, results.md and the
-plots. results.json gathers the suites and arms of every run in <out> (with or without --quick, not mixed), so one
-suite or a few arms can be run at a time and the report covers them all. docs/results.md is this command's report.
+`eval/<tasks>.summary.json`, `curve/step-<k>.summary.json`, `speed.json`; its step checkpoints are removed once
+the curve has read them, `best/` stays), <out>/results.json, results.md and the plots. results.json gathers the
+suites and arms of every run in <out> (with or without --quick, not mixed), so one suite or a few arms can be run at
+a time and the report covers them all. docs/results.md is this command's report.
 """
 from __future__ import annotations
 
@@ -254,8 +255,8 @@ def speed_arm(load: Callable[[], tuple], out: Path, *, large_only: bool, speed: 
 
 def curve_arm(out: Path, suite: Suite, load: Callable[[], tuple], log=print) -> list[dict]:
     """Held-out accuracy of the kept checkpoints (step 0 and every steps / curve_points); a point evaluated
-    earlier is read back, its checkpoint no longer needed (--quick removes them). `load`: the arm's loaded model
-    (load_once), into which each point's trained weights are put (with_weights)."""
+    earlier is read back, its checkpoint no longer needed (the experiment removes them). `load`: the arm's loaded
+    model (load_once), into which each point's trained weights are put (with_weights)."""
     task, limit = suite.curve_task
     points = []
     steps = {int(p.name.removeprefix("step-")) for d in ("checkpoints", "curve") for p in (out / d).glob("step-*")}
@@ -329,8 +330,9 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
             if arm.curve:
                 r["curve"] = curve_arm(d, suite, load, log)
             del load
-            if quick:  # a check, not results: the step checkpoints (gigabytes for the 768-wide arms) go; best/ stays
-                shutil.rmtree(d / "checkpoints", ignore_errors=True)
+            # The step checkpoints (model and optimizer state, 7 GB for a 768-wide arm's five) have served the curve
+            # once its points are written; best/ stays. Kept, they filled the disk before the last arms of a suite.
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)
             per_arm[arm_name] = r
             atomic_write_json(out / "results.json", results)  # what is done so far
     results["wall_seconds"] = time.perf_counter() - t_start

@@ -30,7 +30,7 @@ def test_miniature_experiment_trains_evaluates_reports_and_does_not_redo_work(tm
     lora, combined = results["lora"]["trainable_params"], results["combined-large"]["trainable_params"]
     assert abs(lora - combined) / combined < 0.5  # the rank is chosen for the combined model's count
     assert [p["step"] for p in results["combined-large"]["curve"]] == [0, 1, 2]
-    assert not (out / "facts" / "combined-large" / "checkpoints").exists()  # --quick keeps best/ only
+    assert not (out / "facts" / "combined-large" / "checkpoints").exists()  # best/ only: the curve has read them
     assert "peak_memory_gib" in results["combined-large"] and results["combined-large"]["wall_seconds"] > 0
     table = (out / "results.md").read_text()
     assert "| combined-large |" in table and "| lora |" in table and "Known relations" in table
