@@ -13,7 +13,8 @@ FACTS_FLOOR = 0.10  # facts: relations where the large model alone scores above 
 PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), ("combined-large", "combined-paper"),
          ("combined-large", "distill"), ("combined-large", "lora"), ("combined-large", "smollm-ft"),
          ("smollm-ft", "lora"),
-         ("combined-large-wide-kd", "combined-large-wide"), ("combined-large-wide", "large-alone"),
+         ("combined-large-wide-kd", "combined-large-wide"), ("combined-large-wide", "combined-large"),
+         ("combined-large-wide", "lora"), ("combined-large-wide", "smollm-ft"), ("combined-large-wide", "large-alone"),
          ("combined-large-wide-kd", "large-alone"), ("lora", "large-alone"), ("prompt-smollm", "smollm-ft"))
 
 
