@@ -148,15 +148,20 @@ def run_process(argv: list[str], log_path: Path, log=print) -> None:
     status are appended to SEGMENTS beside the log however the process ends.
     SIGTERM / SIGINT to this process are passed on: the child saves where it is and stops, and so do we (with
     interrupt.Interrupted, the child's exit status); the same command later resumes it."""
+    from .finetune import resident_peak_gib
     from .interrupt import Interrupted, StopRequests
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    peak = 0.0
     with open(log_path, "ab") as f, StopRequests(first="passed on to the arm being trained, which saves and stops",
                                                  again="passed on already") as stops:
         child = subprocess.Popen([sys.executable, "-m", "llm_modules", *argv], stdout=f, stderr=subprocess.STDOUT)
         passed = False
         while True:
+            # The child's own high-water mark, read while it runs (its rusage would include ours, see
+            # resident_peak_gib); what it grows in its last 0.2 s before exiting is not seen.
+            peak = max(peak, resident_peak_gib(child.pid) or 0.0)
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 break
@@ -165,9 +170,10 @@ def run_process(argv: list[str], log_path: Path, log=print) -> None:
                 passed = True
             time.sleep(0.2)
     code = os.waitstatus_to_exitcode(status)
+    if resident_peak_gib() is None:  # no /proc: the rusage, an upper bound (it includes this process's peak)
+        peak = usage.ru_maxrss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
     with open(log_path.parent / SEGMENTS, "a") as f:  # every run of the arm, interrupted or not, counts
-        f.write(json.dumps({"wall_seconds": time.perf_counter() - t0, "peak_memory_gib": usage.ru_maxrss / 2**20,
-                            "exit": code}) + "\n")
+        f.write(json.dumps({"wall_seconds": time.perf_counter() - t0, "peak_memory_gib": peak, "exit": code}) + "\n")
     if stops.signum:
         message = f"stopped: {log_path.parent} saved what it had; run the same command again to resume"
         log(message)

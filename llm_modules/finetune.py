@@ -627,12 +627,27 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def resident_peak_gib(pid: Union[int, str] = "self") -> Optional[float]:
+    """Peak resident memory of process `pid` since it started its program (Linux: VmHWM), or None where /proc
+    cannot tell (another OS, a process already gone). Not ru_maxrss: a process started by another inherits the
+    starter's peak in it (the kernel carries it across exec), so an arm trained from a 10 GiB experiment process
+    would report at least 10 GiB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kib = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+    except (OSError, ValueError):
+        return None
+    return None if kib is None else kib / 2 ** 20
+
+
 def peak_memory_gib() -> float:
-    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS); on a GPU, the peak
-    of allocated device memory if larger."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    return max(rss, gpu) / 2 ** 30
+    """Peak resident memory of this process so far (resident_peak_gib; ru_maxrss where /proc is missing, KiB on
+    Linux and bytes on macOS); on a GPU, the peak of allocated device memory if larger."""
+    rss = resident_peak_gib()
+    if rss is None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
+    gpu = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0
+    return max(rss, gpu)
 
 
 # ---- loading for evaluation -------------------------------------------------------------------------------------

@@ -160,3 +160,21 @@ def test_curve_points_reuse_the_loaded_model_with_each_checkpoints_weights(tmp_p
     with torch.no_grad():  # and the two points differ: the weights were really swapped
         first = with_weights(load, out / "checkpoints" / "step-00000000")()[0](ids).logits
         assert not torch.equal(first, with_weights(load, out / "checkpoints" / "step-00000002")()[0](ids).logits)
+
+
+def test_an_arms_peak_memory_is_its_own_not_the_experiment_process_s(tmp_path):
+    """The kernel carries a process's ru_maxrss across exec into the program it starts: an arm trained from an
+    experiment process holding 2 GiB used to report at least 2 GiB whatever it used itself."""
+    import subprocess
+    import sys
+
+    from llm_modules.experiment import SEGMENTS, run_process
+
+    held = bytearray(2 * 2 ** 30)  # resident: bytearray zero-fills every page
+    run_process(["--help"], tmp_path / "arm" / "train.log")
+    (row,) = [json.loads(ln) for ln in (tmp_path / "arm" / SEGMENTS).read_text().splitlines()]
+    probe = "from llm_modules.finetune import peak_memory_gib; print(peak_memory_gib())"
+    own = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    del held
+    assert row["exit"] == 0 and 0 < row["peak_memory_gib"] < 1.5
+    assert 0 < own < 1.5  # finetune.json's figure, measured inside the process: its own too
