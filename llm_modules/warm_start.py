@@ -9,10 +9,14 @@ The math, the costs and what was needed: docs/warm-start.md.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from .checkpoint import save_tensors
 from .couplings import StreamCoupling
 from .errors import UserError
 from .prompt_coupling import block_list
@@ -104,13 +108,29 @@ def normed_features(model, z: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     return out[:n].double()
 
 
+def stored_fisher_metric(directory: Path) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """fisher_metric, written once into `directory` (the training split's feature cache: the same large model's
+    states of the same examples) and read back after: the warm-start arms of an experiment suite, each in its own
+    process, compute it once (most of a fit's time, see docs/results.md). A float64 (D_L, D_L) safetensors file."""
+    def metric(head: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        path = directory / f"warm-start-fisher-{head.shape[0]}x{head.shape[1]}-{len(states)}.safetensors"
+        if path.is_file():
+            return load_file(str(path))["metric"]
+        out = fisher_metric(head, states)
+        save_tensors(path, {"metric": out})  # atomic: complete or absent
+        return out
+
+    return metric
+
+
 @torch.no_grad()
 def warm_start(model, head: torch.Tensor, states: torch.Tensor, *, ridge: float = 1e-6, constant: float = 3.0,
-               fisher_tokens: int = 4096) -> dict:
+               fisher_tokens: int = 4096, fisher=fisher_metric) -> dict:
     """Initialize `model` (coupling stream) so that it predicts what the large model with LM head `head`
     (V_large, D_L) predicts, fitted on the large model's final states `states` (N, D_L) of the training data.
     `constant`: the size of a constant channel added to the projection (relative to the median |P s|), so the
-    final norm's division by |P s| varies less from token to token. Returns what was done."""
+    final norm's division by |P s| varies less from token to token. `fisher`: fisher_metric, or the same read back
+    (stored_fisher_metric). Returns what was done."""
     if not isinstance(model.bridge, StreamCoupling):
         raise UserError("bridge.init: large applies to coupling: stream (the paper's bridge)")
     V = model.lm_head.out_features
@@ -127,7 +147,7 @@ def warm_start(model, head: torch.Tensor, states: torch.Tensor, *, ridge: float 
     if r == d_large:
         B = torch.eye(d_large, dtype=torch.float64)
     else:
-        B = logit_subspace(fisher_metric(W, states[:fisher_tokens]), s, r, ridge)
+        B = logit_subspace(fisher(W, states[:fisher_tokens]), s, r, ridge)
     basis = mean_free_basis(d_small, r + bool(constant), centred)
     # Median |P s| = sqrt(D_S): about unit size per channel, the scale the small model's blocks are built for, so
     # the branches they open while training perturb the stream by what they would in the stream of a usual model.
@@ -186,7 +206,8 @@ def warm_start_run(model, cfg, examples, features=None, log=print) -> dict:
     t0 = time.perf_counter()
     head = load_teacher_head(cfg)
     states = training_states(model, examples, features)
-    report = warm_start(model, head, states)
+    report = warm_start(model, head, states,
+                        **({"fisher": stored_fisher_metric(features.directory)} if features is not None else {}))
     report["seconds"] = time.perf_counter() - t0
     log(f"bridge.init: large: kept {report['rank']} of the large model's {report['large_width']} state dimensions, "
         f"head fitted on {report['states']:,} training tokens (read-out error {report['relative_readout_error']:.3f}) "
