@@ -15,7 +15,8 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("smollm-ft", "lora"),
          ("combined-large-wide-kd", "combined-large-wide"), ("combined-large-wide", "combined-large"),
          ("combined-large-wide", "lora"), ("combined-large-wide", "smollm-ft"), ("combined-large-wide", "large-alone"),
-         ("combined-large-wide-kd", "large-alone"), ("lora", "large-alone"), ("prompt-smollm", "smollm-ft"))
+         ("combined-large-wide-kd", "large-alone"), ("combined-large-wide-kd", "lora"),
+         ("combined-large-wide-kd", "smollm-ft"), ("lora", "large-alone"), ("prompt-smollm", "smollm-ft"))
 
 
 def facts_relations(out: Path) -> list[str]:
