@@ -8,6 +8,7 @@ The math, the costs and what was needed: docs/warm-start.md.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Callable
@@ -111,9 +112,11 @@ def normed_features(model, z: torch.Tensor, chunk: int = 128) -> torch.Tensor:
 def stored_fisher_metric(directory: Path) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """fisher_metric, written once into `directory` (the training split's feature cache: the same large model's
     states of the same examples) and read back after: the warm-start arms of an experiment suite, each in its own
-    process, compute it once (most of a fit's time, see docs/results.md). A float64 (D_L, D_L) safetensors file."""
+    process, compute it once (most of a fit's time, see docs/results.md). A float64 (D_L, D_L) safetensors file
+    named by the head's shape and the states' content."""
     def metric(head: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        path = directory / f"warm-start-fisher-{head.shape[0]}x{head.shape[1]}-{len(states)}.safetensors"
+        digest = hashlib.sha256(states.float().contiguous().numpy().tobytes()).hexdigest()[:16]
+        path = directory / f"warm-start-fisher-{head.shape[0]}x{head.shape[1]}-{digest}.safetensors"
         if path.is_file():
             return load_file(str(path))["metric"]
         out = fisher_metric(head, states)

@@ -63,15 +63,14 @@ def test_narrow_small_model_reports_agreement_above_a_floor():
     assert agree >= 0.5 and agree > random_agree + 0.3 and kl < random_kl / 4, (random_agree, random_kl, agree, kl)
 
 
-
 def test_a_stored_fisher_metric_is_computed_once_and_gives_the_same_fit(tmp_path, monkeypatch):
     """The warm-start arms of an experiment suite (one process each) share the metric through the feature cache."""
     from llm_modules import warm_start as ws
 
-    def fitted(**kw) -> dict:
+    def fitted(n: int = 64, **kw) -> dict:
         torch.manual_seed(0)
         model = LLMModules.from_config(config(LARGE["qwen2"], SMALL["gpt_neo"])).eval()
-        warm_start(model, load_teacher_head(model.config), states_of(model, n=64), **kw)
+        warm_start(model, load_teacher_head(model.config), states_of(model, n=n), **kw)
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     direct = fitted()
@@ -81,6 +80,9 @@ def test_a_stored_fisher_metric_is_computed_once_and_gives_the_same_fit(tmp_path
     assert len(computed) == 1 and len(list(tmp_path.glob("warm-start-fisher-*.safetensors"))) == 1
     for k in direct:
         assert torch.equal(direct[k], first[k]) and torch.equal(first[k], second[k]), k
+    fitted(32, fisher=ws.stored_fisher_metric(tmp_path))  # other states: another metric, not the stored one
+    assert len(computed) == 2 and len(list(tmp_path.glob("warm-start-fisher-*.safetensors"))) == 2
+
 
 def test_paper_init_is_unchanged_and_large_init_changes_only_trainable_weights(tmp_path):
     from llm_modules.train import setup
