@@ -148,7 +148,7 @@ def run_process(argv: list[str], log_path: Path, log=print) -> None:
     status are appended to SEGMENTS beside the log however the process ends.
     SIGTERM / SIGINT to this process are passed on: the child saves where it is and stops, and so do we (with
     interrupt.Interrupted, the child's exit status); the same command later resumes it."""
-    from .finetune import resident_peak_gib
+    from .finetune import maxrss_gib, resident_peak_gib
     from .interrupt import Interrupted, StopRequests
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def run_process(argv: list[str], log_path: Path, log=print) -> None:
             time.sleep(0.2)
     code = os.waitstatus_to_exitcode(status)
     if resident_peak_gib() is None:  # no /proc: the rusage, an upper bound (it includes this process's peak)
-        peak = usage.ru_maxrss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
+        peak = maxrss_gib(usage)
     with open(log_path.parent / SEGMENTS, "a") as f:  # every run of the arm, interrupted or not, counts
         f.write(json.dumps({"wall_seconds": time.perf_counter() - t0, "peak_memory_gib": peak, "exit": code}) + "\n")
     if stops.signum:

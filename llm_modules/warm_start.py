@@ -209,8 +209,8 @@ def warm_start_run(model, cfg, examples, features=None, log=print) -> dict:
     t0 = time.perf_counter()
     head = load_teacher_head(cfg)
     states = training_states(model, examples, features)
-    report = warm_start(model, head, states,
-                        **({"fisher": stored_fisher_metric(features.directory)} if features is not None else {}))
+    fisher = stored_fisher_metric(features.directory) if features is not None else fisher_metric
+    report = warm_start(model, head, states, fisher=fisher)
     report["seconds"] = time.perf_counter() - t0
     log(f"bridge.init: large: kept {report['rank']} of the large model's {report['large_width']} state dimensions, "
         f"head fitted on {report['states']:,} training tokens (read-out error {report['relative_readout_error']:.3f}) "
