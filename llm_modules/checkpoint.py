@@ -103,15 +103,18 @@ def rng_states(accelerator) -> dict[str, torch.Tensor]:
     return {f"{k}.rank{r}": v for r, st in enumerate(gather_object([own])) for k, v in st.items()}
 
 
-def write_training_checkpoint(directory: Path, model, weights: dict, optimizer_state: dict, scheduler, accelerator,
-                              progress: dict, rng: dict[str, torch.Tensor]) -> None:
+def write_training_checkpoint(directory: Path, model, weights: dict, optimizer_state: Optional[dict], scheduler,
+                              accelerator, progress: dict, rng: dict[str, torch.Tensor]) -> None:
     """Everything a resumed run needs, written into the empty `directory` (publish_dir's temporary one).
-    `weights` / `optimizer_state`: whole tensors from sharded_state.gather; `rng`: from rng_states."""
+    `weights` / `optimizer_state`: whole tensors from sharded_state.gather (no optimizer state: the last step of a
+    run that will not be continued, train.save_final_optimizer); `rng`: from rng_states."""
     import random
 
     model.save_pretrained(directory, tensors=weights)
-    opt_tensors, groups = flatten_optimizer(optimizer_state)
-    save_tensors(directory / OPTIMIZER_NAME, opt_tensors)
+    groups = None
+    if optimizer_state is not None:
+        opt_tensors, groups = flatten_optimizer(optimizer_state)
+        save_tensors(directory / OPTIMIZER_NAME, opt_tensors)
     save_tensors(directory / RNG_NAME, rng)
     scaler = getattr(accelerator, "scaler", None)
     state = {
@@ -132,8 +135,9 @@ def read_training_checkpoint(directory: Path, model, optimizer, scheduler, accel
     state = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
     tensors, _ = load_tensors(directory / WEIGHTS_NAME)
     accelerator.unwrap_model(model).check_trainable(tensors, str(directory / WEIGHTS_NAME))
-    opt_tensors, _ = load_tensors(directory / OPTIMIZER_NAME)
-    scatter(model, optimizer, tensors, unflatten_optimizer(opt_tensors, state["optimizer_param_groups"]))
+    groups = state["optimizer_param_groups"]
+    scatter(model, optimizer, tensors, None if groups is None else unflatten_optimizer(
+        load_tensors(directory / OPTIMIZER_NAME)[0], groups))
     sched = scheduler.state_dict()
     sched.update(state["scheduler"])
     scheduler.load_state_dict(sched)
@@ -159,7 +163,9 @@ def _verify(directory: Path) -> None:
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"{STATE_NAME} lacks {', '.join(missing)}")
-    for name in (WEIGHTS_NAME, OPTIMIZER_NAME, RNG_NAME):
+    # No param groups: a last step saved without optimizer state (train.save_final_optimizer), no file to check.
+    optimizer = (OPTIMIZER_NAME,) if state["optimizer_param_groups"] is not None else ()
+    for name in (WEIGHTS_NAME, RNG_NAME, *optimizer):
         with safe_open(str(directory / name), framework="pt") as f:
             for k in f.keys():
                 f.get_slice(k)
@@ -215,8 +221,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 # may be kept with another process count.
 RESUME_SAFE = (
     "train.output_dir", "train.max_steps", "train.epochs", "train.save_every", "train.keep_every", "train.eval_every",
-    "train.patience", "train.num_threads", "train.tensorboard", "train.skip_nonfinite", "train.mixed_precision",
-    "train.feature_cache", "train.feature_cache_dir", "train.feature_dtype", "train.batch_size",
+    "train.save_final_optimizer", "train.patience", "train.num_threads", "train.tensorboard", "train.skip_nonfinite",
+    "train.mixed_precision", "train.feature_cache", "train.feature_cache_dir", "train.feature_dtype", "train.batch_size",
     "data.skip_bad", "small.gradient_checkpointing",
 )
 _UNSET = object()

@@ -167,6 +167,9 @@ class TrainConfig:
     # Keep the checkpoints of step 0 and of every multiple of keep_every (learning curves; weights only once they are
     # not among the latest two); None = the latest two only.
     keep_every: Optional[int] = None
+    # False: the checkpoint of a run's last step (max_steps, or an early stop) holds no optimizer state (two thirds of
+    # its size under AdamW): quicker to write, but the finished run cannot be continued with more steps.
+    save_final_optimizer: bool = True
     patience: Optional[int] = 5  # validations without improvement before stopping; None = never stop early
     seed: int = 0
     feature_cache: Literal["off", "auto"] = "off"

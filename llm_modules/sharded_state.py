@@ -8,6 +8,7 @@ the optimizer state keyed by parameter name, so a checkpoint written by N proces
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -24,19 +25,24 @@ _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen
 _SCATTER = StateDictOptions(full_state_dict=True, strict=False)
 
 
-def gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable: set[str]) -> tuple[dict, dict]:
-    """(weights {name: tensor}, optimizer state dict {"state": {name: {...}}, "param_groups": [...]}).
+def gather(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], trainable: set[str]
+           ) -> tuple[dict, Optional[dict]]:
+    """(weights {name: tensor}, optimizer state dict {"state": {name: {...}}, "param_groups": [...]}, or None
+    without an optimizer).
 
     A collective under FSDP: every rank must call it; the main rank gets the whole tensors."""
     weights = {k: v for k, v in get_model_state_dict(model, options=_GATHER).items() if k in trainable}
-    return weights, get_optimizer_state_dict(model, optimizer, options=_GATHER)
+    return weights, None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=_GATHER)
 
 
-def scatter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim_state: dict) -> None:
-    """Load whole tensors (every rank passes the same ones) into a possibly sharded model and its optimizer."""
+def scatter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim_state: Optional[dict]
+            ) -> None:
+    """Load whole tensors (every rank passes the same ones) into a possibly sharded model and its optimizer (left
+    as it is when `optim_state` is None)."""
     # Both setters rewrite the dicts they are given (names, DTensor conversion): give them copies.
     set_model_state_dict(model, dict(weights), options=_SCATTER)
-    set_optimizer_state_dict(model, optimizer, copy.deepcopy(optim_state), options=_SCATTER)
+    if optim_state is not None:
+        set_optimizer_state_dict(model, optimizer, copy.deepcopy(optim_state), options=_SCATTER)
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list]:

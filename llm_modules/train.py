@@ -416,11 +416,13 @@ def _early_stopping(run: Run, val: float) -> None:
 def save_checkpoint(run: Run, best: bool) -> None:
     """Every rank joins (gathering sharded weights and optimizer state is a collective); the main rank writes; a
     failed write stops every rank with the same cause."""
-    acc = run.accelerator
+    acc, p = run.accelerator, run.progress
     acc.wait_for_everyone()
-    run.saved_step = run.progress.step
+    run.saved_step = p.step
     trainable = {n for n, _ in run.unwrapped.trainable_named_parameters()}
-    weights, optimizer_state = sharded_state.gather(run.model, run.optimizer, trainable)
+    last = p.step >= run.max_steps or p.stopped_early
+    weights, optimizer_state = sharded_state.gather(
+        run.model, run.optimizer if run.cfg.train.save_final_optimizer or not last else None, trainable)
     rng = ckpt.rng_states(acc)
     error = _write_checkpoint(run, best, weights, optimizer_state, rng) if acc.is_main_process else None
     if acc.num_processes > 1:
@@ -463,16 +465,20 @@ def restore_latest(run: Run) -> None:
     _check_resumable_config(run, found)
     state = ckpt.read_training_checkpoint(found, run.model, run.optimizer, run.scheduler, run.accelerator)
     now = run.progress.global_batch
-    run.progress = Progress(**state)
-    if run.progress.global_batch not in (0, now):
-        raise UserError(f"{found} was saved by a run with a global batch of {run.progress.global_batch} examples "
+    run.progress = p = Progress(**state)
+    if not (found / ckpt.OPTIMIZER_NAME).is_file() and p.step < run.max_steps and not p.stopped_early:
+        raise UserError(f"{found} is the last step of a finished run saved without optimizer state "
+                        f"(train.save_final_optimizer: false): it cannot be continued to step {run.max_steps}. Keep "
+                        f"train.max_steps at {p.step}, or train into another --output-dir")
+    if p.global_batch not in (0, now):
+        raise UserError(f"{found} was saved by a run with a global batch of {p.global_batch} examples "
                         f"(train.batch_size x processes); this one has {now}, which would reinterpret the saved data "
-                        f"position. Keep train.batch_size x processes = {run.progress.global_batch}, or start over "
+                        f"position. Keep train.batch_size x processes = {p.global_batch}, or start over "
                         f"in another --output-dir")
-    run.progress.global_batch = now
-    run.saved_step = run.progress.step
-    ckpt.truncate_metrics(run.out / "metrics.jsonl", run.progress.step)
-    run.log(f"resumed from {found} (step {run.progress.step}, epoch {run.progress.epoch})")
+    p.global_batch = now
+    run.saved_step = p.step
+    ckpt.truncate_metrics(run.out / "metrics.jsonl", p.step)
+    run.log(f"resumed from {found} (step {p.step}, epoch {p.epoch})")
 
 
 def _check_resumable_config(run: Run, found: Path) -> None:

@@ -24,12 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_reliability import assert_same_tensors, forked_cli, metric_rows, step_dir, train_argv, write_short_data
+from test_reliability import assert_same_tensors, metric_rows, step_dir, train_argv, write_short_data
 
 from llm_modules import checkpoint as ckpt
 from llm_modules import features
 from llm_modules import train as train_mod
 from llm_modules.__main__ import main
+from llm_modules.experiment import launch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny-random.yaml"
@@ -58,7 +59,7 @@ def argv(out: Path, data: Path, *extra) -> list[str]:
 def uninterrupted(tmp_path_factory, data) -> Path:
     """The reference: the same command, never interrupted (a forked process, as the interrupted runs are)."""
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    proc = forked_cli(argv(out, data), out.parent / "log")
+    proc = launch(argv(out, data), out.parent / "log")
     proc.join(240)
     assert proc.exitcode == 0, (out.parent / "log").read_text()[-3000:]
     return out
@@ -91,7 +92,7 @@ def assert_same_end(a: Path, b: Path) -> None:
 def test_signal_at_a_random_step_saves_there_and_resumes_exactly(tmp_path, data, uninterrupted, sig):
     k = random.Random(1000 + sig).randint(2, STEPS // 3)  # seeded: the same step aimed at every time
     out, log = tmp_path / "run", tmp_path / "run.log"
-    proc = forked_cli(argv(out, data), log)
+    proc = launch(argv(out, data), log)
     deadline = time.monotonic() + 180
     try:
         while last_metric_step(out) < k:
@@ -120,7 +121,7 @@ def test_signal_at_a_random_step_saves_there_and_resumes_exactly(tmp_path, data,
     assert (f"stopped by {name} after step {stopped} of {STEPS}: checkpoint saved in {step_dir(out, stopped)}"
             in said and "Run the same command again" in said), said[-3000:]
     # The same command resumes and ends where the uninterrupted run ends.
-    proc = forked_cli(argv(out, data), tmp_path / "resume.log")
+    proc = launch(argv(out, data), tmp_path / "resume.log")
     proc.join(240)
     assert proc.exitcode == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert f"resumed from {step_dir(out, stopped)}" in (tmp_path / "resume.log").read_text()

@@ -29,6 +29,7 @@ from llm_modules import LLMModules
 from llm_modules import checkpoint as ckpt
 from llm_modules import train as train_mod
 from llm_modules.__main__ import main
+from llm_modules.experiment import launch
 
 TINY = "configs/tiny-random.yaml"
 SAFE_SUFFIXES = {".safetensors", ".json", ".yaml"}
@@ -122,32 +123,6 @@ def _last_metric_step(out: Path) -> int:
         return -1
 
 
-def _cli_logged(argv: list[str], log: str) -> None:
-    """`llm-modules ARGV` with its output in `log`; the target of the killed processes (exit code = main's)."""
-    import threading
-
-    from tqdm import tqdm
-
-    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock, whose semaphore a SIGKILL would leak
-    sys.stdout = sys.stderr = open(log, "a", buffering=1)
-    sys.exit(main(argv))
-
-
-def forked_cli(argv: list[str], log: Path):
-    """`llm-modules ARGV` in a fresh process forked from a server that has imported torch, transformers and
-    llm_modules once: it starts in milliseconds instead of paying ~5-15 s of imports per resume. Nothing has run
-    in the server (no threads, no torch state), so the child is what `python -m llm_modules` would be."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["llm_modules.__main__", "llm_modules.train", "accelerate", "safetensors.torch",
-                                "transformers.models.qwen2.modeling_qwen2",
-                                "transformers.models.gpt_neo.modeling_gpt_neo"])
-    proc = ctx.Process(target=_cli_logged, args=(argv, str(log)))
-    proc.start()
-    return proc
-
-
 class SubprocessCLI:
     """`python -m llm_modules ARGV`, with the Process interface used below (exitcode, kill, join)."""
 
@@ -175,7 +150,7 @@ class SubprocessCLI:
 
 
 def kill_resume_and_compare(tmp_path: Path, *, kills: int, steps: int, seed: int, timeout: float = 240,
-                            launch=forked_cli) -> list[str]:
+                            launch=launch) -> list[str]:
     data = write_short_data(tmp_path / "short.jsonl", n=int(steps * 1.25) + 8)  # 2 epochs of >= steps / 2 batches
     out, root, rng, landed, procs = tmp_path / "run", tmp_path / "run" / "checkpoints", random.Random(seed), [], []
 

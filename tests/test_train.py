@@ -49,6 +49,20 @@ def test_keep_every_keeps_step_zero_and_its_multiples_for_learning_curves(tmp_pa
                for n, p in start.trainable_named_parameters())  # step 0 is the initialization
 
 
+def test_a_run_saved_without_its_final_optimizer_state_is_finished_not_continued(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli("--output-dir", out, "--max-steps", 3, "--save-every", 1, "--train.save_final_optimizer", "false") == 0
+    saved = {d.name: (d / "optimizer.safetensors").exists() for d in (out / "checkpoints").iterdir()}
+    assert saved == {"step-00000002": True, "step-00000003": False}  # only the last step goes without
+    assert _cli("--output-dir", out, "--max-steps", 3) == 0  # a rerun finds the run finished
+    assert "resumed from" in capsys.readouterr().out
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    assert _cli("--output-dir", out, "--max-steps", 5) == 2
+    err = capsys.readouterr().err
+    assert "step-00000003 is the last step of a finished run saved without optimizer state" in err
+    assert "cannot be continued to step 5. Keep train.max_steps at 3" in err and "Traceback" not in err
+
+
 def test_console_entry_point_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llm_modules", "train", "--config", TINY, "--output-dir",
                         str(tmp_path / "run"), "--max-steps", "2"], capture_output=True, text=True, timeout=300)
