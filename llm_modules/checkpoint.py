@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .files import _fsync_dir, atomic_write, atomic_write_json, atomic_write_text
+from .files import _fsync_dir, atomic_write, atomic_write_json, atomic_write_text, link_file
 from .sharded_state import flatten_optimizer, scatter, unflatten_optimizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -104,13 +104,20 @@ def rng_states(accelerator) -> dict[str, torch.Tensor]:
 
 
 def write_training_checkpoint(directory: Path, model, weights: dict, optimizer_state: Optional[dict], scheduler,
-                              accelerator, progress: dict, rng: dict[str, torch.Tensor]) -> None:
+                              accelerator, progress: dict, rng: dict[str, torch.Tensor],
+                              saved_in: Optional[Path] = None) -> None:
     """Everything a resumed run needs, written into the empty `directory` (publish_dir's temporary one).
     `weights` / `optimizer_state`: whole tensors from sharded_state.gather (no optimizer state: the last step of a
-    run that will not be continued, train.save_final_optimizer); `rng`: from rng_states."""
+    run that will not be continued, train.save_final_optimizer); `rng`: from rng_states. `saved_in`: a directory
+    where model.save_pretrained has just written these weights (best/ of the same step): its weights file is
+    hard-linked, not written again (files are replaced, never rewritten in place, so the two stay independent;
+    written where the file system has no hard links)."""
     import random
 
-    model.save_pretrained(directory, tensors=weights)
+    if saved_in is None or not link_file(saved_in / WEIGHTS_NAME, directory / WEIGHTS_NAME):
+        model.save_pretrained(directory, tensors=weights)
+    else:  # the rest of what save_pretrained writes
+        model.config.save_yaml(directory / CONFIG_NAME)
     groups = None
     if optimizer_state is not None:
         opt_tensors, groups = flatten_optimizer(optimizer_state)

@@ -9,13 +9,14 @@ the warm start (`bridge.init: large`), the small model alone and distilled, the 
 SmolLM2-135M-Instruct kept whole, that SmolLM2 fine-tuned alone, and LoRA on the large model with about the combined
 model's trainable-parameter count (finetune.py).
 
-Each arm trains in a process of its own (its wall time and peak memory are its own; a training run resumes if it
-was interrupted); every evaluation is written once, as `eval --task` writes it, and found again by a rerun, which
-skips what is done. Layout: <out>/<suite>/<arm>/ (the arm's config `arm.yaml`, its training output, `train.json`,
-`eval/<tasks>.summary.json`, `curve/step-<k>.summary.json`, `speed.json`; its step checkpoints are removed once
-the curve has read them, `best/` stays), <out>/results.json, results.md and the plots. results.json gathers the
-suites and arms of every run in <out> (with or without --quick, not mixed), so one suite or a few arms can be run at
-a time and the report covers them all. docs/results.md is this command's report.
+Each arm trains in a process of its own (its wall time and peak memory are its own; a training run resumes if it was
+interrupted), forked from a server that has imported the training code once (launch); every evaluation is written
+once, as `eval --task` writes it, and found again by a rerun, which skips what is done. Layout: <out>/<suite>/<arm>/
+(the arm's config `arm.yaml`, its training output, `train.json`, `eval/<tasks>.summary.json`,
+`curve/step-<k>.summary.json`, `speed.json`; its step checkpoints are removed once the curve has read them, `best/`
+stays), <out>/results.json, results.md and the plots. results.json gathers the suites and arms of every run in <out>
+(with or without --quick, not mixed), so one suite or a few arms can be run at a time and the report covers them
+all. docs/results.md is this command's report.
 """
 from __future__ import annotations
 
@@ -181,7 +182,7 @@ def _cli_logged(argv: list[str], log_path: str, peak) -> None:
     os.close(fd)
     sys.stdout.reconfigure(line_buffering=True)
     code = main(argv)
-    if peak is not None:  # a forked process's peak is its own (unlike one started by exec: resident_peak_gib)
+    if peak is not None:  # measured by the process itself, to the end (run_process's polling misses its last 0.2 s)
         peak.value = peak_memory_gib()
     sys.exit(code)
 

@@ -48,6 +48,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def link_file(source: Path, target: Path) -> bool:
+    """Hard-link `source` (a complete, fsynced file) as `target` and make the link durable; False where the file
+    system cannot (another device, no hard links), for the caller to write the file instead."""
+    try:
+        os.link(source, target)
+    except OSError:
+        return False
+    _fsync_dir(Path(target).parent)
+    return True
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 

@@ -444,7 +444,8 @@ def _write_checkpoint(run: Run, best: bool, weights: dict, optimizer_state: dict
             for stale in (run.out / "best").glob(".*.tmp"):  # a file being written when such a run was killed
                 stale.unlink(missing_ok=True)
         ckpt.publish_dir(root / f"step-{run.progress.step:08d}", lambda d: ckpt.write_training_checkpoint(
-            d, run.unwrapped, weights, optimizer_state, run.scheduler, run.accelerator, run.progress.__dict__, rng))
+            d, run.unwrapped, weights, optimizer_state, run.scheduler, run.accelerator, run.progress.__dict__, rng,
+            saved_in=run.out / "best" if best else None))
     except (OSError, UserError) as e:  # a full disk, a vanished directory ...
         cause = e.__context__ if isinstance(e, UserError) else e  # atomic_write's UserError wraps the OSError
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e)

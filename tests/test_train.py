@@ -1,5 +1,6 @@
 """Training through the real CLI, exact resume, and bad input (clear message, exit 2, no traceback)."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -61,6 +62,19 @@ def test_a_run_saved_without_its_final_optimizer_state_is_finished_not_continued
     err = capsys.readouterr().err
     assert "step-00000003 is the last step of a finished run saved without optimizer state" in err
     assert "cannot be continued to step 5. Keep train.max_steps at 3" in err and "Traceback" not in err
+
+
+def test_best_and_the_checkpoint_of_its_step_share_one_weights_file(tmp_path):
+    out = tmp_path / "run"
+    assert _cli("--output-dir", out, "--max-steps", 3, "--save-every", 1, "--train.eval_every", 1) == 0
+    state = json.loads((out / "checkpoints" / "step-00000003" / "training_state.json").read_text())
+    assert state["progress"]["best_step"] == 3  # the validation loss falls at every step of this run
+    best, step = out / "best" / "model.safetensors", out / "checkpoints" / "step-00000003" / "model.safetensors"
+    assert best.samefile(step)  # written once, hard-linked
+    assert not best.samefile(out / "checkpoints" / "step-00000002" / "model.safetensors")
+    weights = load_file(step)
+    shutil.rmtree(out / "checkpoints")  # the experiment removes the step checkpoints: best/ keeps its weights
+    assert all(torch.equal(v, weights[k]) for k, v in load_file(best).items()) and len(weights) > 0
 
 
 def test_console_entry_point_runs(tmp_path):
