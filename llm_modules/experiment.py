@@ -144,8 +144,9 @@ def trainable_count(cfg: LLMModulesConfig) -> int:
 
 
 # ---- running one piece, resumably -------------------------------------------------------------------------------
-# What the forkserver imports once for all the arms' processes (transformers imports each model's code on first use).
-PRELOAD = ["llm_modules.__main__", "llm_modules.train", "llm_modules.finetune", "accelerate", "safetensors.torch",
+# What the forkserver imports once for all the arms' processes (transformers imports each model's code on first use;
+# not llm_modules.__main__ itself, which each process runs as its __main__).
+PRELOAD = ["llm_modules.loading", "llm_modules.train", "llm_modules.finetune", "accelerate", "safetensors.torch",
            "peft", "transformers.models.qwen2.modeling_qwen2", "transformers.models.gpt_neo.modeling_gpt_neo",
            "transformers.models.llama.modeling_llama"]
 
@@ -167,12 +168,13 @@ def launch(argv: list[str], log_path: Path, peak=None):
 
 def _cli_logged(argv: list[str], log_path: str, peak) -> None:
     """The target of launch's process: stdout and stderr (the file descriptors: C libraries' output too) appended
-    to log_path, then main(argv), whose exit status is the process's."""
+    to log_path, then the command line run as `python -m llm_modules ARGV` runs it (the library does not import the
+    CLI), its exit status the process's."""
+    import runpy
     import threading
 
     from tqdm import tqdm
 
-    from .__main__ import main
     from .finetune import peak_memory_gib
 
     tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock, whose semaphore a SIGKILL would leak
@@ -181,10 +183,12 @@ def _cli_logged(argv: list[str], log_path: str, peak) -> None:
         os.dup2(fd, std)
     os.close(fd)
     sys.stdout.reconfigure(line_buffering=True)
-    code = main(argv)
-    if peak is not None:  # measured by the process itself, to the end (run_process's polling misses its last 0.2 s)
-        peak.value = peak_memory_gib()
-    sys.exit(code)
+    sys.argv = ["llm-modules", *argv]
+    try:
+        runpy.run_module("llm_modules", run_name="__main__", alter_sys=True)  # ends in sys.exit(main())
+    finally:  # measured by the process itself, to the end (run_process's polling misses its last 0.2 s)
+        if peak is not None:
+            peak.value = peak_memory_gib()
 
 
 def run_process(argv: list[str], log_path: Path, log=print) -> None:
