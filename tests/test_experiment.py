@@ -92,7 +92,7 @@ def test_unknown_arm_or_suite_is_a_clear_error(capsys):
 @pytest.mark.slow
 @needs_data
 def test_quick_experiment_on_real_weights(tmp_path):
-    """Every arm of the real experiment on small slices (about 19 minutes on 2 cores; fetches SmolLM2-135M)."""
+    """Every arm of the real experiment on small slices (about 18 minutes on 2 cores; fetches SmolLM2-135M)."""
     out = tmp_path / "exp"
     assert main(["experiment", "--quick", "--output-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())["suites"]
