@@ -640,18 +640,12 @@ def resident_peak_gib(pid: Union[int, str] = "self") -> Optional[float]:
     return None if kib is None else kib / 2 ** 20
 
 
-def maxrss_gib(usage) -> float:
-    """A rusage's ru_maxrss in GiB (KiB on Linux, bytes on macOS): where /proc is missing, an upper bound on the
-    process's own peak (see resident_peak_gib)."""
-    return usage.ru_maxrss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
-
-
 def peak_memory_gib() -> float:
-    """Peak resident memory of this process so far (resident_peak_gib, else maxrss_gib); on a GPU, the peak of
-    allocated device memory if larger."""
+    """Peak resident memory of this process so far (resident_peak_gib; ru_maxrss where /proc is missing, KiB on
+    Linux and bytes on macOS); on a GPU, the peak of allocated device memory if larger."""
     rss = resident_peak_gib()
     if rss is None:
-        rss = maxrss_gib(resource.getrusage(resource.RUSAGE_SELF))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
     gpu = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0
     return max(rss, gpu)
 
