@@ -41,6 +41,19 @@ GPT_NEO_125M = {"model_type": "gpt_neo", "vocab_size": 8, "bos_token_id": 0, "eo
                 "window_size": 256, "max_position_embeddings": 2048, "intermediate_size": 3072}
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in (
+            "config", "overrides") else v
+    return out
+
+
+# The warm start with the paper's small model shape, the base of the 768-wide arms.
+WIDE = {"small": {"config": GPT_NEO_125M}, "bridge": {"num_heads": 8, "adapter_dim": 256, "init": "large"},
+        "train": {"lr_bridge": 1.0e-4, "lr_small": 1.0e-4}}
+
+
 @dataclass(frozen=True)
 class Arm:
     name: str
@@ -57,14 +70,12 @@ ARMS = {a.name: a for a in (
     Arm("combined-paper", "train", curve=True, note="the paper: random small model, bridge and head"),
     Arm("combined-large", "train", {"bridge": {"init": "large"}, "train": {"lr_bridge": 1.0e-4, "lr_small": 1.0e-4}},
         curve=True, note="the warm start: begins at the large model's predictions (lr 1e-4)"),
-    Arm("combined-large-wide", "train", {"small": {"config": GPT_NEO_125M},
-                                         "bridge": {"num_heads": 8, "adapter_dim": 256, "init": "large"},
-                                         "train": {"lr_bridge": 1.0e-4, "lr_small": 1.0e-4}}, curve=True,
+    Arm("combined-large-wide", "train", WIDE, curve=True,
         note="the warm start with the paper's small model shape (768 wide, 12 layers; it keeps 766 of 896 directions)"),
-    Arm("combined-large-wide-kd", "train", {"small": {"config": GPT_NEO_125M},
-                                            "bridge": {"num_heads": 8, "adapter_dim": 256, "init": "large"},
-                                            "train": {"lr_bridge": 1.0e-4, "lr_small": 1.0e-4, "distill_weight": 0.5}},
-        curve=True, note="the 768-wide warm start kept near the large model: + KL to its distribution (w = 0.5)"),
+    Arm("combined-large-wide-kd", "train", _merge(WIDE, {"train": {"distill_weight": 0.5}}), curve=True,
+        note="the 768-wide warm start kept near the large model: + KL to its distribution (w = 0.5)"),
+    Arm("combined-large-wide-lr1e-5", "train", _merge(WIDE, {"train": {"lr_bridge": 1.0e-5, "lr_small": 1.0e-5}}),
+        curve=True, note="the 768-wide warm start kept near the large model: 10x smaller steps (lr 1e-5)"),
     Arm("small-alone", "train", {"coupling": "none"}, curve=True, note="the same small model, its own embeddings"),
     Arm("distill", "train", {"coupling": "none", "train": {"distill_weight": 0.5}},
         note="small alone + KL to the large model's distribution (w = 0.5)"),
@@ -116,14 +127,6 @@ QUICK = {
 
 
 # ---- configs --------------------------------------------------------------------------------------------------
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in (
-            "config", "overrides") else v
-    return out
-
-
 def arm_config(base: LLMModulesConfig, suite: Suite, arm: Arm, out: Path) -> LLMModulesConfig:
     """The suite's data and budget on top of `base`, then the arm's own changes; checkpoints kept for the curve,
     the last one without optimizer state (an arm is never continued; 1.7 GB less to write for a 768-wide arm)."""

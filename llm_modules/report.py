@@ -16,7 +16,9 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-kd", "combined-large-wide"), ("combined-large-wide", "combined-large"),
          ("combined-large-wide", "lora"), ("combined-large-wide", "smollm-ft"), ("combined-large-wide", "large-alone"),
          ("combined-large-wide-kd", "large-alone"), ("combined-large-wide-kd", "lora"),
-         ("combined-large-wide-kd", "smollm-ft"), ("lora", "large-alone"), ("prompt-smollm", "smollm-ft"))
+         ("combined-large-wide-kd", "smollm-ft"), ("lora", "large-alone"), ("prompt-smollm", "smollm-ft"),
+         ("combined-large-wide-lr1e-5", "large-alone"), ("combined-large-wide-lr1e-5", "combined-large-wide"),
+         ("combined-large-wide-lr1e-5", "lora"))
 
 
 def facts_relations(out: Path) -> list[str]:
