@@ -157,6 +157,9 @@ class TrainConfig:
     grad_accum: int = 1
     lr_bridge: float = 1e-4
     lr_small: float = 5e-5
+    # The new LM head's learning rate: None = lr_small (the paper: one group with the small model); 0 = frozen where
+    # it starts (no gradient, no optimizer state; still saved), e.g. at the warm start's read-out of the large model.
+    lr_head: Optional[float] = None
     weight_decay: float = 0.01
     warmup_steps: int = 10
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -196,6 +199,8 @@ class TrainConfig:
             out.append(f"{where}.distill_weight: {self.distill_weight} must be in [0, 1]")
         if self.distill_temperature <= 0:
             out.append(f"{where}.distill_temperature: {self.distill_temperature} must be > 0")
+        if self.lr_head is not None and self.lr_head < 0:
+            out.append(f"{where}.lr_head: {self.lr_head} must be >= 0 (or null: lr_small)")
         for name in ("lr_bridge", "lr_small", "weight_decay", "max_grad_norm", "warmup_steps", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 out.append(f"{where}.{name}: {getattr(self, name)} must be >= 0")

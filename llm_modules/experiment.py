@@ -76,6 +76,8 @@ ARMS = {a.name: a for a in (
         note="the 768-wide warm start kept near the large model: + KL to its distribution (w = 0.5)"),
     Arm("combined-large-wide-lr1e-5", "train", _merge(WIDE, {"train": {"lr_bridge": 1.0e-5, "lr_small": 1.0e-5}}),
         curve=True, note="the 768-wide warm start kept near the large model: 10x smaller steps (lr 1e-5)"),
+    Arm("combined-large-wide-head0", "train", _merge(WIDE, {"train": {"lr_head": 0.0}}), curve=True,
+        note="the 768-wide warm start kept near the large model: its head frozen at the warm start's read-out"),
     Arm("small-alone", "train", {"coupling": "none"}, curve=True, note="the same small model, its own embeddings"),
     Arm("distill", "train", {"coupling": "none", "train": {"distill_weight": 0.5}},
         note="small alone + KL to the large model's distribution (w = 0.5)"),
@@ -143,7 +145,7 @@ def trainable_count(cfg: LLMModulesConfig) -> int:
     from .model import LLMModules
 
     model = LLMModules.from_config(cfg, load_large=False)
-    return sum(p.numel() for _, p in model.trainable_named_parameters())
+    return sum(p.numel() for _, p in model.trained_named_parameters(cfg.train.lr_head))
 
 
 # ---- running one piece, resumably -------------------------------------------------------------------------------
@@ -251,7 +253,8 @@ def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], loa
     runs = [json.loads(ln) for ln in (out / SEGMENTS).read_text().splitlines() if ln.strip()]
     cost = {"wall_seconds": sum(r["wall_seconds"] for r in runs), "runs": len(runs),  # a resumed arm: all its runs
             "peak_memory_gib": max(r["peak_memory_gib"] for r in runs)}
-    trainable = (sum(p.numel() for _, p in load()[0].trainable_named_parameters()) if arm.kind == "train"
+    trainable = (sum(p.numel() for _, p in load()[0].trained_named_parameters(cfg.train.lr_head))
+                 if arm.kind == "train"
                  else json.loads((out / "best" / "finetune.json").read_text())["trainable_params"])
     steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     result = {**cost, "trainable_params": trainable, "steps": max(r["step"] for r in steps)}

@@ -119,14 +119,26 @@ class LLMModules(nn.Module):
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if n.split(".", 1)[0] in TRAINABLE]
 
-    def param_groups(self, lr_bridge: float, lr_small: float, weight_decay: float) -> list[dict]:
-        """AdamW groups as in the paper: the bridge at lr_bridge, the small model and its new head at lr_small."""
-        bridge = [p for n, p in self.trainable_named_parameters() if n.startswith("bridge.")]
-        small = [p for n, p in self.trainable_named_parameters() if not n.startswith("bridge.")]
-        return [
-            {"params": bridge, "lr": lr_bridge, "weight_decay": weight_decay, "name": "bridge"},
-            {"params": small, "lr": lr_small, "weight_decay": weight_decay, "name": "small"},
-        ]
+    def trained_named_parameters(self, lr_head: Optional[float] = None) -> list[tuple[str, nn.Parameter]]:
+        """What training changes: the trainable set less the head when it is frozen (train.lr_head: 0)."""
+        return [(n, p) for n, p in self.trainable_named_parameters() if lr_head != 0 or not n.startswith("lm_head.")]
+
+    def param_groups(self, lr_bridge: float, lr_small: float, weight_decay: float,
+                     lr_head: Optional[float] = None) -> list[dict]:
+        """AdamW groups as in the paper: the bridge at lr_bridge, the small model and its new head at lr_small; with
+        lr_head, the head in a group of its own at that rate, and at 0 in none: frozen (no gradient is computed)."""
+        head = dict(self.lm_head.named_parameters())
+        if lr_head is not None and any(p is q for p in head.values() for q in self.small.parameters()):
+            raise UserError("train.lr_head: this model's LM head is the small model's own input embedding (tied), "
+                            "so a learning rate of its own would also change the embedding; leave train.lr_head unset")
+        self.lm_head.requires_grad_(lr_head != 0)
+        groups = {"bridge": [], "small": [], "lm_head": []}
+        for n, p in self.trained_named_parameters(lr_head):
+            part = n.split(".", 1)[0]
+            groups["small" if part == "lm_head" and lr_head is None else part].append(p)
+        lrs = {"bridge": lr_bridge, "small": lr_small, "lm_head": lr_head}
+        return [{"params": groups[g], "lr": lrs[g], "weight_decay": weight_decay, "name": g}
+                for g in ("bridge", "small", "lm_head") if g != "lm_head" or lr_head]
 
     # ---- forward -------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -31,7 +31,16 @@ def gather(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], t
     without an optimizer).
 
     A collective under FSDP: every rank must call it; the main rank gets the whole tensors."""
-    weights = {k: v for k, v in get_model_state_dict(model, options=_GATHER).items() if k in trainable}
+    # ignore_frozen_params leaves the large model out; a frozen part of the trainable set (train.lr_head: 0, a head
+    # kept at its warm start) is saved all the same, so it is counted as trainable while the weights are gathered.
+    held = [p for n, p in model.named_parameters() if not p.requires_grad and n.removeprefix("module.") in trainable]
+    for p in held:
+        p.requires_grad_(True)
+    try:
+        weights = {k: v for k, v in get_model_state_dict(model, options=_GATHER).items() if k in trainable}
+    finally:
+        for p in held:
+            p.requires_grad_(False)
     return weights, None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=_GATHER)
 
 

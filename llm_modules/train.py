@@ -110,7 +110,7 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     batches = LengthGroupedBatches([len(e) for e in data.train], global_batch, seed=t.seed)
     steps_per_epoch = max(1, len(batches) // t.grad_accum)
     max_steps = min(t.max_steps, steps_per_epoch * t.epochs) if t.max_steps is not None else steps_per_epoch * t.epochs
-    optimizer = make_optimizer(model.param_groups(t.lr_bridge, t.lr_small, t.weight_decay))
+    optimizer = make_optimizer(model.param_groups(t.lr_bridge, t.lr_small, t.weight_decay, t.lr_head))
     make = get_cosine_schedule_with_warmup if t.schedule == "cosine" else get_constant_schedule_with_warmup
     kwargs = {"num_training_steps": max(1, max_steps)} if t.schedule == "cosine" else {}
     scheduler = make(optimizer, num_warmup_steps=t.warmup_steps, **kwargs)
@@ -530,7 +530,7 @@ def train(cfg: LLMModulesConfig, *, resume: bool = True, log=print, stop_at: Opt
     """Set up, fit and return the final progress; the trained weights are in `<output_dir>/checkpoints`."""
     run = setup(cfg, resume=resume, log=log)
     log = run.log  # silent on ranks other than the main one
-    log(f"training {sum(p.numel() for _, p in run.unwrapped.trainable_named_parameters()):,} parameters for "
+    log(f"training {sum(p.numel() for _, p in run.unwrapped.trained_named_parameters(cfg.train.lr_head)):,} parameters for "
         f"{run.max_steps} steps ({len(run.data.train)} train / {len(run.data.val)} val examples) -> {run.out}")
     progress = fit(run, stop_at=stop_at)
     if progress.best_val is not None:

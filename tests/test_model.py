@@ -161,6 +161,33 @@ def test_a_step_changes_trainable_weights_only():
     assert len(changed) == len(before_train)
 
 
+def test_lr_head_puts_the_head_in_a_group_of_its_own_and_zero_freezes_it():
+    model = build()
+    groups = model.param_groups(1e-4, 5e-5, 0.0, lr_head=1e-3)
+    assert [(g["name"], g["lr"]) for g in groups] == [("bridge", 1e-4), ("small", 5e-5), ("lm_head", 1e-3)]
+    assert groups[2]["params"] == [model.lm_head.weight]
+    model = build()
+    groups = model.param_groups(1e-2, 1e-2, 0.01, lr_head=0)
+    assert [g["name"] for g in groups] == ["bridge", "small"] and not model.lm_head.weight.requires_grad
+    assert sum(len(g["params"]) for g in groups) == len(model.trainable_named_parameters()) - 1
+    head = model.lm_head.weight.clone()
+    model.train()
+    opt = torch.optim.AdamW(groups)
+    x = torch.randint(0, 96, (2, 8))
+    model(x, labels=x).loss.backward()
+    opt.step()
+    assert model.lm_head.weight.grad is None and torch.equal(model.lm_head.weight, head)
+    assert "lm_head.weight" in dict(model.trainable_named_parameters())  # frozen, still saved with the rest
+
+
+def test_lr_head_is_refused_for_a_head_tied_to_the_small_models_embedding():
+    model = build()
+    model.small.tied_head = model.lm_head  # as a pretrained small model's own tied head (coupling prompt)
+    with pytest.raises(UserError, match=r"train.lr_head: .*\(tied\)"):
+        model.param_groups(1e-4, 5e-5, 0.0, lr_head=0)
+    assert len(model.param_groups(1e-4, 5e-5, 0.0)) == 2  # unset: the head trains with the small model
+
+
 def test_labels_loss_matches_hugging_face_convention():
     model = build()
     x = torch.randint(0, 96, (2, 8))

@@ -50,6 +50,17 @@ def test_keep_every_keeps_step_zero_and_its_multiples_for_learning_curves(tmp_pa
                for n, p in start.trainable_named_parameters())  # step 0 is the initialization
 
 
+def test_a_frozen_head_stays_where_it_started_while_the_rest_trains(tmp_path):
+    out = tmp_path / "run"
+    assert _cli("--output-dir", out, "--max-steps", 3, "--save-every", 3, "--train.keep_every", 3,
+                "--train.lr_head", 0) == 0
+    start, end = (_weights(out / "checkpoints" / f"step-{k:08d}") for k in (0, 3))
+    assert start.keys() == end.keys() and "lm_head.weight" in end
+    assert torch.equal(start["lm_head.weight"], end["lm_head.weight"])
+    assert all(not torch.equal(start[k], end[k]) for k in end if k.endswith(".weight") and k != "lm_head.weight"
+               and "ln" not in k and "norm" not in k)
+
+
 def test_a_run_saved_without_its_final_optimizer_state_is_finished_not_continued(tmp_path, capsys):
     out = tmp_path / "run"
     assert _cli("--output-dir", out, "--max-steps", 3, "--save-every", 1, "--train.save_final_optimizer", "false") == 0
@@ -149,6 +160,7 @@ def test_bad_records_stop_with_file_and_line(tmp_path, capsys, case):
     (["--train.lrr", "1"], "train.lrr: unknown key"),
     (["--train.batch_size", "four"], "train.batch_size: expected int"),
     (["--bridge.gate", "maybe"], "bridge.gate: 'maybe' is not one of"),
+    (["--train.lr_head", "-1"], "train.lr_head: -1.0 must be >= 0"),
     (["--data.path", "/nonexistent/x.jsonl"], "/nonexistent/x.jsonl"),
     (["--train.output_dir", "/proc/forbidden"], "not writable"),
 ])
