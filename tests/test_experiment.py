@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 
+from llm_modules import LLMModulesConfig
 from llm_modules.__main__ import main
 from llm_modules.experiment import ARMS
 from test_tasks import needs_data
@@ -46,6 +47,15 @@ def test_miniature_experiment_trains_evaluates_reports_and_does_not_redo_work(tm
     assert main(one) == 0  # one arm run again: the report still has the others
     assert set(json.loads((out / "results.json").read_text())["suites"]["facts"]) == set(results)
     assert "| lora |" in (out / "results.md").read_text()
+
+
+def test_an_arm_with_a_frozen_head_counts_only_what_trains(tmp_path):
+    from llm_modules import experiment
+
+    base = LLMModulesConfig.from_yaml("configs/tiny-random.yaml")
+    wide, head0 = (experiment.trainable_count(experiment.arm_config(base, experiment.QUICK["facts"], ARMS[a], tmp_path))
+                   for a in ("combined-large-wide", "combined-large-wide-head0"))
+    assert wide - head0 == 768 * 259  # the 768-wide head over the byte-level vocabulary
 
 
 @needs_data
