@@ -74,6 +74,8 @@ ARMS = {a.name: a for a in (
         note="the warm start with the paper's small model shape (768 wide, 12 layers; it keeps 766 of 896 directions)"),
     Arm("combined-large-wide-kd", "train", _merge(WIDE, {"train": {"distill_weight": 0.5}}), curve=True,
         note="the 768-wide warm start kept near the large model: + KL to its distribution (w = 0.5)"),
+    Arm("combined-large-wide-kd0.9", "train", _merge(WIDE, {"train": {"distill_weight": 0.9}}), curve=True,
+        note="the 768-wide warm start kept near the large model: + KL to its distribution (w = 0.9)"),
     Arm("combined-large-wide-lr1e-5", "train", _merge(WIDE, {"train": {"lr_bridge": 1.0e-5, "lr_small": 1.0e-5}}),
         curve=True, note="the 768-wide warm start kept near the large model: 10x smaller steps (lr 1e-5)"),
     Arm("combined-large-wide-head0", "train", _merge(WIDE, {"train": {"lr_head": 0.0}}), curve=True,

@@ -19,7 +19,9 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-kd", "smollm-ft"), ("lora", "large-alone"), ("prompt-smollm", "smollm-ft"),
          ("combined-large-wide-lr1e-5", "large-alone"), ("combined-large-wide-lr1e-5", "combined-large-wide"),
          ("combined-large-wide-lr1e-5", "lora"), ("combined-large-wide-head0", "large-alone"),
-         ("combined-large-wide-head0", "combined-large-wide"), ("combined-large-wide-head0", "lora"))
+         ("combined-large-wide-head0", "combined-large-wide"), ("combined-large-wide-head0", "lora"),
+         ("combined-large-wide-kd0.9", "large-alone"), ("combined-large-wide-kd0.9", "combined-large-wide-kd"),
+         ("combined-large-wide-kd0.9", "lora"))
 
 
 def facts_relations(out: Path) -> list[str]:
