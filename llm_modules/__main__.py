@@ -37,12 +37,13 @@ def cmd_finetune(args, extra) -> int:
 
 
 def cmd_experiment(args, extra) -> int:
-    from .experiment import ARMS, SUITES, run_experiment
+    from .experiment import ARMS, DEFAULT_ARMS, SUITES, run_experiment
 
     cfg = load_config(args.config, parse_overrides(extra))
     chosen = {}
-    for flag, given, known in (("--suites", args.suites, SUITES), ("--arms", args.arms, ARMS)):
-        names = given.split(",") if given else list(known)
+    for flag, given, known, default in (("--suites", args.suites, SUITES, list(SUITES)),
+                                        ("--arms", args.arms, ARMS, DEFAULT_ARMS)):
+        names = list(known) if given == "all" else given.split(",") if given else default
         unknown = [n for n in names if n not in known]
         if unknown:
             raise UserError(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
@@ -323,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "inits, small alone, distilled, prompt coupling, SmolLM2 fine-tuned, LoRA)")
     p.add_argument("--config", default="configs/default.yaml", help="the models and training settings of the arms")
     p.add_argument("--suites", help="comma-separated: facts, gsm8k (default: both)")
-    p.add_argument("--arms", help="comma-separated subset (default: all)")
+    p.add_argument("--arms", help="comma-separated subset, or 'all' (default: all but the follow-up arms, which "
+                                  "test a hypothesis of docs/results.md: combined-large-wide-lr1e-5, -head0, -kd0.9)")
     p.add_argument("--quick", action="store_true", help="every arm on small slices (minutes): a check, not results")
     p.add_argument("--output-dir", default="runs/experiment")
     p.set_defaults(func=cmd_experiment, config_overrides=True)

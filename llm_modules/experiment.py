@@ -63,6 +63,7 @@ class Arm:
     base: Optional[str] = None  # finetune: large | small
     curve: bool = False  # held-out accuracy at several steps
     note: str = ""
+    followup: bool = False  # tests a hypothesis of docs/results.md; runs when named (or --arms all), not by default
 
 
 ARMS = {a.name: a for a in (
@@ -74,11 +75,13 @@ ARMS = {a.name: a for a in (
         note="the warm start with the paper's small model shape (768 wide, 12 layers; it keeps 766 of 896 directions)"),
     Arm("combined-large-wide-kd", "train", _merge(WIDE, {"train": {"distill_weight": 0.5}}), curve=True,
         note="the 768-wide warm start kept near the large model: + KL to its distribution (w = 0.5)"),
-    Arm("combined-large-wide-kd0.9", "train", _merge(WIDE, {"train": {"distill_weight": 0.9}}), curve=True,
+    Arm("combined-large-wide-kd0.9", "train", _merge(WIDE, {"train": {"distill_weight": 0.9}}),
+        curve=True, followup=True,
         note="the 768-wide warm start kept near the large model: + KL to its distribution (w = 0.9)"),
     Arm("combined-large-wide-lr1e-5", "train", _merge(WIDE, {"train": {"lr_bridge": 1.0e-5, "lr_small": 1.0e-5}}),
-        curve=True, note="the 768-wide warm start kept near the large model: 10x smaller steps (lr 1e-5)"),
-    Arm("combined-large-wide-head0", "train", _merge(WIDE, {"train": {"lr_head": 0.0}}), curve=True,
+        curve=True, followup=True,
+        note="the 768-wide warm start kept near the large model: 10x smaller steps (lr 1e-5)"),
+    Arm("combined-large-wide-head0", "train", _merge(WIDE, {"train": {"lr_head": 0.0}}), curve=True, followup=True,
         note="the 768-wide warm start kept near the large model: its head frozen at the warm start's read-out"),
     Arm("small-alone", "train", {"coupling": "none"}, curve=True, note="the same small model, its own embeddings"),
     Arm("distill", "train", {"coupling": "none", "train": {"distill_weight": 0.5}},
@@ -91,6 +94,8 @@ ARMS = {a.name: a for a in (
     Arm("lora", "finetune", {"train": {"lr_small": 2.0e-4}}, method="lora", base="large",
         note="LoRA on the large model, rank chosen for the combined model's trainable count"),
 )}
+
+DEFAULT_ARMS = [name for name, arm in ARMS.items() if not arm.followup]  # the arms
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import pytest
 
 from llm_modules import LLMModulesConfig
 from llm_modules.__main__ import main
-from llm_modules.experiment import ARMS
+from llm_modules.experiment import ARMS, DEFAULT_ARMS
 from test_tasks import needs_data
 
 
@@ -99,16 +99,30 @@ def test_unknown_arm_or_suite_is_a_clear_error(capsys):
     assert "--suites: unknown mmlu; choose from facts, gsm8k" in capsys.readouterr().err
 
 
+def test_follow_up_arms_run_when_named_or_with_all(tmp_path, monkeypatch):
+    from llm_modules import experiment
+
+    chosen = []
+    monkeypatch.setattr(experiment, "run_experiment", lambda cfg, out, *, suites, arms, quick: chosen.append(arms))
+    base = ["experiment", "--config", "configs/tiny-random.yaml", "--output-dir", str(tmp_path)]
+    for extra in ([], ["--arms", "all"], ["--arms", "combined-large-wide-head0"]):
+        assert main(base + extra) == 0
+    assert chosen[0] == DEFAULT_ARMS and "combined-large-wide-kd" in chosen[0]
+    assert not {"combined-large-wide-lr1e-5", "combined-large-wide-head0", "combined-large-wide-kd0.9"} & set(chosen[0])
+    assert chosen[1] == list(ARMS) and chosen[2] == ["combined-large-wide-head0"]
+
+
 @pytest.mark.slow
 @needs_data
 def test_quick_experiment_on_real_weights(tmp_path):
-    """Every arm of the real experiment on small slices (about 18 minutes on 2 cores; fetches SmolLM2-135M)."""
+    """Every arm of the issue (the default: the follow-up arms run when named) on small slices (about 18 minutes on 2
+    cores; fetches SmolLM2-135M)."""
     out = tmp_path / "exp"
     assert main(["experiment", "--quick", "--output-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())["suites"]
     assert set(results) == {"facts", "gsm8k"}
     for suite in results.values():
-        assert list(suite) == list(ARMS)  # every arm, in the table's order
+        assert set(suite) == set(DEFAULT_ARMS) and "combined-large-wide-head0" not in suite
 
 
 def test_paired_comparison_counts_discordant_items_and_gives_the_exact_sign_test(tmp_path):
