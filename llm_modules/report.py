@@ -21,7 +21,7 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-lr1e-5", "lora"), ("combined-large-wide-head0", "large-alone"),
          ("combined-large-wide-head0", "combined-large-wide"), ("combined-large-wide-head0", "lora"),
          ("combined-large-wide-kd0.9", "large-alone"), ("combined-large-wide-kd0.9", "combined-large-wide-kd"),
-         ("combined-large-wide-kd0.9", "lora"))
+         ("combined-large-wide-kd0.9", "lora"), ("combined-large-wide-head0", "combined-large-wide-kd0.9"))
 
 
 def facts_relations(out: Path) -> list[str]:
