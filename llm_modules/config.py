@@ -185,6 +185,10 @@ class TrainConfig:
     # loss = (1 - w) * CE + w * T^2 * KL; the teacher's states come from the feature cache. 0 = off.
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    # A falling (or rising) weight: distill_weight up to step distill_decay_from, then linear to distill_weight_end
+    # at the last step (max_steps, the learning-rate schedule's horizon too). None = distill_weight throughout.
+    distill_weight_end: Optional[float] = None
+    distill_decay_from: int = 0
 
     def problems(self, where: str) -> list[str]:
         out = []
@@ -197,6 +201,13 @@ class TrainConfig:
             out.append(f"{where}.max_steps: {self.max_steps} must be >= 0")
         if not 0.0 <= self.distill_weight <= 1.0:
             out.append(f"{where}.distill_weight: {self.distill_weight} must be in [0, 1]")
+        if self.distill_weight_end is not None and not 0.0 <= self.distill_weight_end <= 1.0:
+            out.append(f"{where}.distill_weight_end: {self.distill_weight_end} must be in [0, 1] (or null)")
+        if self.distill_weight_end is not None and self.distill_weight == 0:
+            out.append(f"{where}.distill_weight_end: set, but distillation is off (distill_weight: 0); "
+                       "distill_weight is the weight the schedule starts from")
+        if self.distill_decay_from < 0:
+            out.append(f"{where}.distill_decay_from: {self.distill_decay_from} must be >= 0")
         if self.distill_temperature <= 0:
             out.append(f"{where}.distill_temperature: {self.distill_temperature} must be > 0")
         if self.lr_head is not None and self.lr_head < 0:

@@ -1,15 +1,17 @@
 """The distillation baseline: the small model alone trained on the large model's next-token distributions.
 
 Loss per target token: (1 - w) * CE(label) + w * T^2 * KL(p_teacher,T || p_student,T), forward KL over the shared
-vocabulary (the student predicts the large tokenizer's vocabulary, so no alignment is needed). The teacher's
-logits are its own LM head over its final hidden states; those states come from the frozen-feature cache (the same
-one the combined model trains from), so the teacher's 0.5B-1.5B body never runs during training. Only its head
-matrix is loaded, read straight from the checkpoint file.
+vocabulary (the student predicts the large tokenizer's vocabulary, so no alignment is needed); w constant, or
+moving linearly to another value after a given step (`Distill.weight_at`). The teacher's logits are its own LM
+head over its final hidden states; those states come from the frozen-feature cache (the same one the combined model
+trains from), so the teacher's 0.5B-1.5B body never runs during training. Only its head matrix is loaded, read
+straight from the checkpoint file.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +48,21 @@ class Distill:
     head: torch.Tensor  # (V_large, D_L)
     weight: float
     temperature: float
+    weight_end: Optional[float] = None  # None: `weight` at every step
+    decay_from: int = 0  # the weight moves from `weight` (at this step) to `weight_end` (at max_steps), linearly
+    max_steps: int = 0
 
-    def __call__(self, out, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def weight_at(self, step: int) -> float:
+        """The KL weight of the optimizer step that follows `step` steps done."""
+        if self.weight_end is None or step <= self.decay_from:
+            return self.weight
+        frac = min(1.0, (step - self.decay_from) / max(1, self.max_steps - self.decay_from))
+        return self.weight + (self.weight_end - self.weight) * frac
+
+    def __call__(self, out, states: torch.Tensor, labels: torch.Tensor, step: int = 0) -> torch.Tensor:
+        w = self.weight_at(step)
         kd = kd_loss_sum(out.target_logits, target_states(states, labels), self.head, self.temperature)
-        return (1 - self.weight) * out.loss_sum + self.weight * kd
+        return (1 - w) * out.loss_sum + w * kd
 
 
 def kd_loss_sum(student_logits: torch.Tensor, teacher_states: torch.Tensor, head: torch.Tensor,

@@ -119,7 +119,8 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
               log=log)
     run.progress.global_batch = global_batch
     if t.distill_weight > 0:
-        run.objective = Distill(load_teacher_head(cfg).to(accelerator.device), t.distill_weight, t.distill_temperature)
+        run.objective = Distill(load_teacher_head(cfg).to(accelerator.device), t.distill_weight, t.distill_temperature,
+                                t.distill_weight_end, t.distill_decay_from, max_steps)
     if t.tensorboard:
         accelerator.init_trackers("llm-modules")
     if resume:
@@ -296,6 +297,8 @@ def _steps(run: Run, stop_at: int, bar) -> None:
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
         record = {"step": p.step, "epoch": p.epoch, "train_loss": loss, "lr": run.scheduler.get_last_lr()[0],
                   "tokens_per_s": tps}
+        if run.objective:
+            record["distill_weight"] = run.objective.weight_at(p.step - 1)  # the weight of the step just taken
         if p.step % t.eval_every == 0 or p.step == run.max_steps:
             record["val_loss"] = validate(run)
             _early_stopping(run, record["val_loss"])
@@ -361,7 +364,9 @@ def _loss_sum(run: Run, split: str, indices: list[int], pad: int, training: bool
         out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"],
                         source_states=source if COUPLINGS[run.cfg.coupling].reads_large else None, return_logits=False,
                         **memory)
-        return run.objective(out, source, batch["labels"]) if training and run.objective else out.loss_sum
+        if training and run.objective:
+            return run.objective(out, source, batch["labels"], run.progress.step)
+        return out.loss_sum
     except torch.OutOfMemoryError:
         raise _out_of_memory(*batch["input_ids"].shape) from None
 

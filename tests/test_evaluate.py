@@ -38,6 +38,32 @@ def test_kd_loss_is_forward_kl_over_the_student_vocabulary():
     assert float(kd_loss_sum(states @ head[:10].T, states, head, 2.0)) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_kd_weight_falls_linearly_after_its_step(tmp_path):
+    """A falling KL weight (train.distill_weight_end): constant up to distill_decay_from, then linear to the end
+    value at the last step; the loss mixes the weight of the current step, and metrics.jsonl records it."""
+    from types import SimpleNamespace
+
+    from llm_modules.__main__ import main
+    from llm_modules.distill import Distill
+
+    d = Distill(torch.zeros(3, 2), 0.9, 1.0, weight_end=0.1, decay_from=60, max_steps=120)
+    assert [d.weight_at(s) for s in (0, 60)] == [0.9, 0.9]
+    assert d.weight_at(90) == pytest.approx(0.5) and d.weight_at(120) == pytest.approx(0.1)
+    assert d.weight_at(500) == pytest.approx(0.1) and Distill(torch.zeros(3, 2), 0.7, 1.0).weight_at(99) == 0.7
+    # The mix: the KL of identical distributions is 0, so the loss is (1 - w) * CE.
+    states, labels = torch.randn(1, 3, 2), torch.tensor([[-100, 1, 2]])
+    out = SimpleNamespace(target_logits=states[0, :2] @ d.head.T, loss_sum=torch.tensor(2.0))
+    assert float(d(out, states, labels, step=90)) == pytest.approx(1.0, abs=1e-5)
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny-random.yaml", "--output-dir", str(run), "--max-steps", "3",
+                 "--train.feature_cache", "auto", "--train.feature_cache_dir", str(tmp_path / "fc"),
+                 "--train.distill_weight", "0.9", "--train.distill_weight_end", "0.1",
+                 "--train.distill_decay_from", "1"]) == 0
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["distill_weight"] for r in records if "train_loss" in r] == pytest.approx([0.9, 0.9, 0.5])
+
+
 def test_miniature_ablations_end_to_end(tmp_path):
     from llm_modules.__main__ import main
     from llm_modules.ablations import ARMS
