@@ -21,7 +21,14 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-lr1e-5", "lora"), ("combined-large-wide-head0", "large-alone"),
          ("combined-large-wide-head0", "combined-large-wide"), ("combined-large-wide-head0", "lora"),
          ("combined-large-wide-kd0.9", "large-alone"), ("combined-large-wide-kd0.9", "combined-large-wide-kd"),
-         ("combined-large-wide-kd0.9", "lora"), ("combined-large-wide-head0", "combined-large-wide-kd0.9"))
+         ("combined-large-wide-kd0.9", "lora"), ("combined-large-wide-head0", "combined-large-wide-kd0.9"),
+         ("combined-large-wide-kd0.7", "large-alone"), ("combined-large-wide-kd0.7", "combined-large-wide-kd0.9"),
+         ("combined-large-wide-kd0.7", "combined-large-wide-kd"),
+         ("combined-large-wide-kd0.9to0.5", "large-alone"),
+         ("combined-large-wide-kd0.9to0.5", "combined-large-wide-kd0.9"),
+         ("combined-large-wide-kd0.9to0.5", "combined-large-wide-kd0.7"),
+         ("combined-large-wide-kd0.9to0", "large-alone"), ("combined-large-wide-kd0.9to0", "combined-large-wide-kd0.9"),
+         ("combined-large-wide-kd0.9to0", "combined-large-wide-kd0.9to0.5"))
 
 
 def facts_relations(out: Path) -> list[str]:
