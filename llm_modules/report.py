@@ -153,26 +153,34 @@ def curve_table(results: dict, suite: str) -> str:
 
 
 def plot_curves(results: dict, out: Path, suite: str, path: Path) -> None:
+    """Held-out accuracy against training steps, one line per arm with a curve; on facts a second panel for the
+    answers never seen in training (where knowledge of held-out subjects shows, not the relations' prior)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arms = ordered(results, suite)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, r) in enumerate((n, r) for n, r in arms.items() if r.get("curve")):
-        pts = r["curve"]
-        xs, ys = [p["step"] for p in pts], [p["accuracy"] for p in pts]
-        err = [[y - p["ci95"][0] for y, p in zip(ys, pts)], [p["ci95"][1] - y for y, p in zip(ys, pts)]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=name)
-    if "large-alone" in arms:
-        task = next(iter(arms["large-alone"]["eval"]))
-        ax.axhline(arms["large-alone"]["eval"][task]["accuracy"], ls="--", color="gray", label="large alone (all items)")
-    n = next((r["curve"][0]["n"] for r in arms.values() if r.get("curve")), 0)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"held-out accuracy ({n} items, 95% CI)")
-    ax.set_title(f"{suite}: learning curves")
-    ax.legend()
+    curves = {n: r["curve"] for n, r in arms.items() if r.get("curve")}
+    panels = [("held-out accuracy", lambda s: s)]
+    if any("unseen_answers" in p for pts in curves.values() for p in pts):
+        panels.append(("answers never seen in training", lambda s: s["unseen_answers"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (what, pick) in zip(axes[0], panels):
+        for i, (name, pts) in enumerate(curves.items()):
+            acc = [pick(p) for p in pts]
+            ys = [a["accuracy"] for a in acc]
+            err = [[y - a["ci95"][0] for y, a in zip(ys, acc)], [a["ci95"][1] - y for y, a in zip(ys, acc)]]
+            ax.errorbar([p["step"] for p in pts], ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=name)
+        if "large-alone" in arms:
+            task = next(iter(arms["large-alone"]["eval"]))
+            ax.axhline(pick(arms["large-alone"]["eval"][task])["accuracy"], ls="--", color="gray",
+                       label="large alone (test items)")
+        n = next((pick(pts[0])["n"] for pts in curves.values()), 0)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"{what} ({n} items, 95% CI)")
+        ax.set_title(f"{suite}: learning curves, {what}")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)

@@ -163,6 +163,24 @@ def test_paired_comparisons_cover_every_task_of_the_suite_its_own_first(tmp_path
     assert sections[1].splitlines()[-1] == "| combined-large | combined-paper | all (3) | 1 | 1 | 1.0000 |"
 
 
+def test_facts_curves_get_a_panel_for_answers_never_seen_in_training(tmp_path):
+    import struct
+
+    from llm_modules.report import plot_curves
+
+    def acc(a, unseen=None):
+        s = {"accuracy": a, "ci95": [a - 0.1, a + 0.1], "n": 10}
+        return s if unseen is None else {**s, "unseen_answers": acc(unseen)}
+
+    for suite, extra in (("facts", 0.05), ("gsm8k", None)):
+        results = {"suites": {suite: {"large-alone": {"eval": {suite: acc(0.2, extra)}},
+                                      "combined-large": {"eval": {}, "curve": [{"step": k, **acc(0.1 * k, extra)}
+                                                                               for k in (0, 1)]}}}}
+        plot_curves(results, tmp_path, suite, tmp_path / f"{suite}.png")
+        width = struct.unpack(">I", (tmp_path / f"{suite}.png").read_bytes()[16:20])[0]  # the PNG header's width
+        assert width == (1400 if extra else 700), suite
+
+
 def test_curve_points_reuse_the_loaded_model_with_each_checkpoints_weights(tmp_path):
     """with_weights: the trained tensors of a step checkpoint copied into the arm's loaded model give the logits a
     separate load of that checkpoint gives (the large model is not loaded again per curve point)."""
