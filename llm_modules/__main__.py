@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suites", help="comma-separated: facts, gsm8k (default: both)")
     p.add_argument("--arms", help="comma-separated subset, or 'all' (default: all but the follow-up arms, which "
                                   "test a hypothesis of docs/results.md: combined-large-wide-lr1e-5, -head0, -kd0.7, "
-                                  "-kd0.9, -kd0.9to0.5, -kd0.9to0)")
+                                  "-kd0.9, -kd0.9to0)")
     p.add_argument("--quick", action="store_true", help="every arm on small slices (minutes): a check, not results")
     p.add_argument("--output-dir", default="runs/experiment")
     p.set_defaults(func=cmd_experiment, config_overrides=True)

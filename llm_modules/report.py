@@ -24,11 +24,8 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-kd0.9", "lora"), ("combined-large-wide-head0", "combined-large-wide-kd0.9"),
          ("combined-large-wide-kd0.7", "large-alone"), ("combined-large-wide-kd0.7", "combined-large-wide-kd0.9"),
          ("combined-large-wide-kd0.7", "combined-large-wide-kd"),
-         ("combined-large-wide-kd0.9to0.5", "large-alone"),
-         ("combined-large-wide-kd0.9to0.5", "combined-large-wide-kd0.9"),
-         ("combined-large-wide-kd0.9to0.5", "combined-large-wide-kd0.7"),
          ("combined-large-wide-kd0.9to0", "large-alone"), ("combined-large-wide-kd0.9to0", "combined-large-wide-kd0.9"),
-         ("combined-large-wide-kd0.9to0", "combined-large-wide-kd0.9to0.5"))
+         ("combined-large-wide-kd0.9to0", "combined-large-wide-kd0.7"))
 
 
 def facts_relations(out: Path) -> list[str]:

@@ -109,7 +109,7 @@ def test_follow_up_arms_run_when_named_or_with_all(tmp_path, monkeypatch):
         assert main(base + extra) == 0
     assert chosen[0] == DEFAULT_ARMS and "combined-large-wide-kd" in chosen[0]
     assert not {"combined-large-wide-lr1e-5", "combined-large-wide-head0", "combined-large-wide-kd0.9",
-                 "combined-large-wide-kd0.7", "combined-large-wide-kd0.9to0.5"} & set(chosen[0])
+                 "combined-large-wide-kd0.7", "combined-large-wide-kd0.9to0"} & set(chosen[0])
     assert chosen[1] == list(ARMS) and chosen[2] == ["combined-large-wide-head0"]
 
 
