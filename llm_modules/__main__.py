@@ -324,9 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
                                           "inits, small alone, distilled, prompt coupling, SmolLM2 fine-tuned, LoRA)")
     p.add_argument("--config", default="configs/default.yaml", help="the models and training settings of the arms")
     p.add_argument("--suites", help="comma-separated: facts, gsm8k (default: both)")
+    from .experiment import ARMS  # light: the arm table, not the training code
+
     p.add_argument("--arms", help="comma-separated subset, or 'all' (default: all but the follow-up arms, which "
-                                  "test a hypothesis of docs/results.md: combined-large-wide-lr1e-5, -head0, -kd0.7, "
-                                  "-kd0.9, -kd0.9to0)")
+                                  "test a hypothesis of docs/results.md: "
+                                  + ", ".join(n for n, a in ARMS.items() if a.followup) + ")")
     p.add_argument("--quick", action="store_true", help="every arm on small slices (minutes): a check, not results")
     p.add_argument("--output-dir", default="runs/experiment")
     p.set_defaults(func=cmd_experiment, config_overrides=True)
