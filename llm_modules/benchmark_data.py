@@ -72,15 +72,17 @@ def facts_split(root: Optional[Path]) -> tuple[list[facts_mod.Fact], list[facts_
     return facts_mod.split(facts_mod.load_facts(data_file(root, "facts", "facts")))
 
 
-def train_records(names: list[str], data_dir: Optional[str]) -> list[tuple[str, int, list[dict]]]:
+def train_records(names: list[str], data_dir: Optional[str], facts_answer: str = "object"
+                  ) -> list[tuple[str, int, list[dict]]]:
     """(source, number, messages) of the train splits of benchmarks `names` (data.benchmarks): the facts of the train
-    subjects, asked exactly as `--task facts` asks the held-out ones, and GSM8K train."""
+    subjects, asked exactly as `--task facts` asks the held-out ones (answered in `facts_answer` form: Fact.messages),
+    and GSM8K train."""
     root = find_data_dir(data_dir)
     out = []
     for name in names:
         if name == "facts":
             train, _ = facts_split(root)
-            out += [(f"facts:{f.relation}", n, f.messages()) for n, f in enumerate(train, 1)]
+            out += [(f"facts:{f.relation}", n, f.messages(facts_answer)) for n, f in enumerate(train, 1)]
         elif name == "gsm8k":
             rows = (hub_rows("openai/gsm8k", "main", "train") if root is None
                     else read_jsonl(data_file(root, "gsm8k/train.jsonl", "gsm8k")))

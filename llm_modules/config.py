@@ -133,6 +133,9 @@ class DataConfig:
     # else ../shared/data; "hub": the usual dataset ids).
     benchmarks: list = field(default_factory=list)
     benchmark_dir: Optional[str] = None
+    # The answer of a facts training record: "object" (the missing words alone, as the question asks) or "sentence"
+    # (the sentence completed, "Rio de Janeiro is part of Brazil.", the form the large model answers in).
+    facts_answer: Literal["object", "sentence"] = "object"
 
     def problems(self, where: str) -> list[str]:
         out = []

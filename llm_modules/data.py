@@ -337,7 +337,7 @@ def _training_records(cfg: DataConfig, skipped: list, allow: bool) -> list[Recor
     if cfg.benchmarks:
         from .benchmark_data import train_records
 
-        records += [Record(*r) for r in train_records(list(cfg.benchmarks), cfg.benchmark_dir)]
+        records += [Record(*r) for r in train_records(list(cfg.benchmarks), cfg.benchmark_dir, cfg.facts_answer)]
     return records
 
 

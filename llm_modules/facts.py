@@ -45,9 +45,13 @@ class Fact:
     def question(self) -> str:
         return f"{INSTRUCTION}\n{self.sentence()}"
 
-    def messages(self) -> list[dict]:
-        """The conversation of a training record: the question, then the object as the whole answer."""
-        return [{"role": "user", "content": self.question()}, {"role": "assistant", "content": self.objects[0]}]
+    def messages(self, answer: str = "object") -> list[dict]:
+        """The conversation of a training record: the question, then the object as the whole answer ("object") or
+        the sentence completed by it ("sentence": "Rio de Janeiro is part of Brazil.", how the large model answers;
+        `extract` reads the object back out of either)."""
+        obj = self.objects[0]
+        reply = obj if answer == "object" else f"{self.sentence()} {obj}{'' if obj.endswith('.') else '.'}"
+        return [{"role": "user", "content": self.question()}, {"role": "assistant", "content": reply}]
 
 
 def normalize(text: Optional[str]) -> str:

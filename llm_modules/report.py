@@ -25,7 +25,9 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-kd0.7", "large-alone"), ("combined-large-wide-kd0.7", "combined-large-wide-kd0.9"),
          ("combined-large-wide-kd0.7", "combined-large-wide-kd"),
          ("combined-large-wide-kd0.9to0", "large-alone"), ("combined-large-wide-kd0.9to0", "combined-large-wide-kd0.9"),
-         ("combined-large-wide-kd0.9to0", "combined-large-wide-kd0.7"))
+         ("combined-large-wide-kd0.9to0", "combined-large-wide-kd0.7"),
+         ("combined-large-wide-kd0.9-sentence", "large-alone"),
+         ("combined-large-wide-kd0.9-sentence", "combined-large-wide-kd0.9"))
 
 
 def facts_relations(out: Path) -> list[str]:

@@ -58,6 +58,33 @@ def test_facts_from_the_shared_data_keep_held_out_subjects_out_of_training():
     assert [t.relation for t in test[:3]] == sorted({f.relation for f in test})[:3]  # a prefix mixes relations
 
 
+def test_facts_training_answer_forms_are_both_read_back_by_the_scorer():
+    """data.facts_answer: the missing words alone, or the sentence completed (the large model's own form); the
+    scorer's extract reads the object out of either, so both train toward answers it marks right."""
+    fact = _fact()
+    q, a = fact.messages()
+    assert q == {"role": "user", "content": fact.question()} and a["content"] == "Paris"
+    q2, s = fact.messages("sentence")
+    assert q2 == q and s["content"] == "The capital city of France is Paris."
+    assert all(facts.is_correct(facts.extract(r["content"], fact), fact) for r in (a, s))
+    dotted = _fact(objects=("Washington, D.C.",)).messages("sentence")[1]["content"]
+    assert dotted == "The capital city of France is Washington, D.C."  # no second full stop
+
+
+@needs_data
+def test_facts_answer_form_reaches_training_records():
+    from llm_modules.config import DataConfig
+    from llm_modules.data import _training_records
+
+    for form in ("object", "sentence"):
+        cfg = DataConfig(benchmarks=["facts"], benchmark_dir=str(DATA), facts_answer=form)
+        pairs = [(r.messages[0]["content"].split("\n")[1], r.messages[1]["content"])
+                 for r in _training_records(cfg, [], False)]
+        assert len(pairs) > 1000
+        starts = [a.startswith(q + " ") and a.endswith(".") for q, a in pairs]
+        assert all(starts) if form == "sentence" else not any(starts)
+
+
 def test_facts_summary_separates_knowledge_from_the_relations_prior():
     train = [_fact("continent", s, (o,)) for s, o in [("a", "Asia"), ("b", "Asia"), ("c", "Europe")]]
     priors = facts.answer_priors(train)
