@@ -1,6 +1,6 @@
 """Paper-size GPU benchmark (issue 9): training throughput, peak memory, MFU, and cached vs recomputed generation.
 
-    python benchmarks/gpu.py --out results.json                  # one CUDA GPU (not yet run on one; see below)
+    python benchmarks/gpu.py --out results.json                  # one CUDA GPU (H200 figures: docs/benchmarks.md)
     python benchmarks/gpu.py --smoke --device cpu --out x.json   # the same code path at tiny sizes, on a CPU
 
 The models have the paper's shapes with random weights, built from inline configs (no download):
@@ -112,6 +112,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds; arms not started by then are skipped and marked so (default 420)")
     p.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own, one per core)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--small-attn", choices=["eager", "sdpa"], default="eager",
+                   help="the small model's attention: transformers' eager GPT-Neo attention (default), or "
+                        "llm_modules.gpt_neo_sdpa (the same attention through scaled_dot_product_attention)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the large model, the bridge and the small model (nn.Module.compile) first")
+    p.add_argument("--checkpointing", choices=["both", "off", "on"], default="both",
+                   help="training arms with the small model's gradient checkpointing off, on, or both (default)")
+    p.add_argument("--skip-train", action="store_true", help="generation only (its timing in a fresh process)")
+    p.add_argument("--skip-generation", action="store_true", help="training arms only")
     return p.parse_args(argv)
 
 
@@ -330,7 +339,7 @@ def train_arms(env: Env, model, args, result: dict, start: float) -> None:
 
         source = model.source_states(ids, mask, positions_from_mask(mask))  # (B, T, D_L), bf16
     for features in ("live", "cached"):
-        for checkpointing in (False, True):
+        for checkpointing in {"both": (False, True), "off": (False,), "on": (True,)}[args.checkpointing]:
             name = f"{features} features, gradient checkpointing {'on' if checkpointing else 'off'}"
             if time.perf_counter() - start > args.time_budget:
                 result["skipped"].append(name)
@@ -367,6 +376,13 @@ def run(args) -> dict:
     log(f"building the models ({'smoke' if args.smoke else 'paper'} sizes) on {device} ...")
     model = build(sizes, device, torch)
     model.small.config.use_cache = False
+    if args.small_attn == "sdpa":
+        from llm_modules.gpt_neo_sdpa import use_sdpa
+
+        log(f"small model attention: SDPA ({use_sdpa(model.small)} layers switched)")
+    if args.compile:
+        for part in (model.large, model.bridge, model.small):
+            part.compile()
     T, Bt = sizes["seq_len"], args.batch
     vocab = model.lm_head.out_features
     trainable = sum(p.numel() for _, p in model.trainable_named_parameters())
@@ -386,13 +402,17 @@ def run(args) -> dict:
                              "2*N_large_linear*T + attn_fwd(large); attn_fwd = 4*d_attn*sum_t ctx(t) per layer, "
                              "causal (local layers: ctx <= window); recomputation not counted",
                   "live": flops_per_step(model, T, Bt, True), "cached": flops_per_step(model, T, Bt, False)},
+        "options": {"small_attn": args.small_attn, "compile": args.compile, "threads": torch.get_num_threads()},
         "train": [], "generation": None, "skipped": [],
     }
     log(f"trainable {trainable / 1e6:.1f}M, frozen large {frozen / 1e6:.1f}M parameters; vocab {vocab}; "
         f"peak {peak} TFLOP/s ({peak_source})")
 
-    train_arms(env, model, args, result, start)
-    if time.perf_counter() - start > args.time_budget:
+    if not args.skip_train:
+        train_arms(env, model, args, result, start)
+    if args.skip_generation:
+        pass
+    elif time.perf_counter() - start > args.time_budget:
         result["skipped"].append("generation")
     else:
         log("generation: cached vs full recompute ...")
@@ -405,7 +425,9 @@ def report(result: dict) -> str:
     lines = [f"device: {result['device']['name']} ({result['device']['type']}), torch {result['device']['torch']}"
              f"{' [SMOKE sizes]' if result['smoke'] else ''}",
              f"trainable {result['params']['trainable']:,} / frozen large {result['params']['frozen_large']:,} params; "
-             f"seq {result['sizes']['seq_len']} x batch {result['sizes']['batch']}; peak {result['peak_tflops']} TFLOP/s",
+             f"seq {result['sizes']['seq_len']} x batch {result['sizes']['batch']}; peak {result['peak_tflops']} TFLOP/s; "
+             f"small attention {result['options']['small_attn']}, compile {result['options']['compile']}, "
+             f"{result['options']['threads']} CPU threads",
              "", "| features | grad ckpt | tokens/s | step s | peak GiB | TFLOP/s | MFU "
                  "| MFU without the frozen forward |", "|---|---|---|---|---|---|---|---|"]
     for a in result["train"]:

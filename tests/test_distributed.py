@@ -517,6 +517,25 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
     assert "6" in res["flops"]["formula"] and res["peak_tflops"] is None  # no known peak for a CPU
 
 
+def test_gpu_benchmark_options_on_cpu(tmp_path):
+    """The SDPA small attention with one checkpointing setting and no generation; then generation alone."""
+    runs = {"train": ["--small-attn", "sdpa", "--checkpointing", "off", "--skip-generation"], "gen": ["--skip-train"]}
+    res = {}
+    for name, flags in runs.items():
+        out = tmp_path / f"{name}.json"
+        r = subprocess.run([sys.executable, str(BENCH), "--smoke", "--device", "cpu", "--out", str(out), *flags],
+                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-4000:]
+        res[name] = json.loads(out.read_text())
+    train = res["train"]
+    assert train["options"]["small_attn"] == "sdpa" and train["generation"] is None
+    arms = [(a["features"], a["gradient_checkpointing"]) for a in train["train"]]
+    assert arms == [("live", False), ("cached", False)]
+    assert all(a["loss"] == a["loss"] and a["tokens_per_s"] > 0 for a in train["train"])
+    gen = res["gen"]
+    assert gen["train"] == [] and gen["generation"]["cached"]["tokens_match_recompute"] is True
+
+
 def test_gpu_benchmark_without_gpu_says_so_and_exits_2(tmp_path):
     import torch
 

@@ -1,0 +1,42 @@
+"""GPT-Neo attention through torch's scaled_dot_product_attention: an opt-in speed-up for the paper's small model.
+
+transformers' GPT-Neo has only an eager attention (and flash-attention-2, which needs the flash-attn package): it
+materializes the (T x T) scores in fp32, masks them with `torch.where`, and keeps them for the backward pass, twelve
+layers deep. `use_sdpa(model)` switches every GPT-Neo attention of `model` to one that computes the same thing with
+`F.scaled_dot_product_attention` (fused kernels on CUDA; on a CPU the gain is small). Same weights, same masks (the
+layer's own causal / local-window mask, plus the padding mask), same unscaled scores (GPT-Neo does not divide by
+sqrt(head_dim), hence scale=1.0); the scores are computed in the input's dtype (bf16 under autocast) rather than fp32.
+Hand-written because transformers has no SDPA path for GPT-Neo; it replaces the one method that differs (`_attn`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
+
+
+class GPTNeoSDPAAttention(GPTNeoSelfAttention):
+    def _attn(self, query, key, value, attention_mask=None):
+        q_len, k_len = query.size(-2), key.size(-2)
+        allowed = self.bias[:, :, k_len - q_len:k_len, :k_len]  # causal, and the window on local layers
+        lowest = torch.finfo(query.dtype).min
+        # An additive mask, not a boolean one: a row with no allowed key (a left-padding position) then gets
+        # uniform weights, as in the eager attention, instead of NaN.
+        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, lowest)
+        if attention_mask is not None:
+            mask = (mask + attention_mask.to(query.dtype)).clamp(min=lowest)
+        out = F.scaled_dot_product_attention(query, key, value.to(query.dtype), attn_mask=mask,
+                                             dropout_p=self.attn_dropout.p if self.training else 0.0, scale=1.0)
+        return out.to(value.dtype), None
+
+
+def use_sdpa(model: nn.Module) -> int:
+    """Switch every eager GPT-Neo attention inside `model` to GPTNeoSDPAAttention in place (weights and buffers
+    kept); returns how many were switched. Attention weights are then not returned (output_attentions gives None)."""
+    switched = 0
+    for module in model.modules():
+        if type(module) is GPTNeoSelfAttention:
+            module.__class__ = GPTNeoSDPAAttention
+            switched += 1
+    return switched
