@@ -27,7 +27,9 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-kd0.9to0", "large-alone"), ("combined-large-wide-kd0.9to0", "combined-large-wide-kd0.9"),
          ("combined-large-wide-kd0.9to0", "combined-large-wide-kd0.7"),
          ("combined-large-wide-kd0.9-sentence", "large-alone"),
-         ("combined-large-wide-kd0.9-sentence", "combined-large-wide-kd0.9"))
+         ("combined-large-wide-kd0.9-sentence", "combined-large-wide-kd0.9"),
+         ("combined-large-wide-sentence", "large-alone"), ("combined-large-wide-sentence", "combined-large-wide"),
+         ("combined-large-wide-kd0.9-sentence", "combined-large-wide-sentence"))
 
 
 def facts_relations(out: Path) -> list[str]:
