@@ -29,7 +29,9 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-kd0.9-sentence", "large-alone"),
          ("combined-large-wide-kd0.9-sentence", "combined-large-wide-kd0.9"),
          ("combined-large-wide-sentence", "large-alone"), ("combined-large-wide-sentence", "combined-large-wide"),
-         ("combined-large-wide-kd0.9-sentence", "combined-large-wide-sentence"))
+         ("combined-large-wide-kd0.9-sentence", "combined-large-wide-sentence"),
+         ("combined-large-wide-sentence", "small-alone-sentence"), ("combined-large-wide-sentence", "distill-sentence"),
+         ("combined-large-wide-kd0.9-sentence", "small-alone-sentence"))
 
 
 def facts_relations(out: Path) -> list[str]:

@@ -99,6 +99,17 @@ def test_unknown_arm_or_suite_is_a_clear_error(capsys):
     assert "--suites: unknown mmlu; choose from facts, gsm8k" in capsys.readouterr().err
 
 
+def test_every_paired_comparison_names_two_arms_and_the_sentence_arms_train_on_sentences():
+    """paired_table skips a pair whose answers are missing, so a misspelt arm in PAIRS would silently drop a row of
+    docs/results.md; and each -sentence arm must differ from its twin only in the answer form."""
+    from llm_modules.report import PAIRS
+
+    assert [p for p in PAIRS if not set(p) <= set(ARMS)] == []
+    for name in [n for n in ARMS if n.endswith("-sentence")]:
+        twin = ARMS[name.removesuffix("-sentence")].over
+        assert ARMS[name].over == {**twin, "data": {**twin.get("data", {}), "facts_answer": "sentence"}}, name
+
+
 def test_follow_up_arms_run_when_named_or_with_all(tmp_path, monkeypatch):
     from llm_modules import experiment
 
