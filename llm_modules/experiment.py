@@ -110,6 +110,9 @@ ARMS = {a.name: a for a in (
         note="prompt coupling, SmolLM2-135M-Instruct kept whole (its design case)"),
     Arm("smollm-ft", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5}}, method="full", base="small",
         note="SmolLM2-135M-Instruct fine-tuned alone"),
+    Arm("smollm-ft-sentence", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5},
+                                           "data": {"facts_answer": "sentence"}}, method="full", base="small",
+        followup=True, note="SmolLM2-135M-Instruct fine-tuned alone on whole-sentence facts answers"),
     Arm("lora", "finetune", {"train": {"lr_small": 2.0e-4}}, method="lora", base="large",
         note="LoRA on the large model, rank chosen for the combined model's trainable count"),
 )}

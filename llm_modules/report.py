@@ -31,7 +31,9 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-sentence", "large-alone"), ("combined-large-wide-sentence", "combined-large-wide"),
          ("combined-large-wide-kd0.9-sentence", "combined-large-wide-sentence"),
          ("combined-large-wide-sentence", "small-alone-sentence"), ("combined-large-wide-sentence", "distill-sentence"),
-         ("combined-large-wide-kd0.9-sentence", "small-alone-sentence"))
+         ("combined-large-wide-kd0.9-sentence", "small-alone-sentence"),
+         ("combined-large-wide-sentence", "smollm-ft-sentence"), ("smollm-ft-sentence", "large-alone"),
+         ("combined-large-wide-kd0.9-sentence", "smollm-ft-sentence"))
 
 
 def facts_relations(out: Path) -> list[str]:
