@@ -115,6 +115,8 @@ ARMS = {a.name: a for a in (
         followup=True, note="SmolLM2-135M-Instruct fine-tuned alone on whole-sentence facts answers"),
     Arm("lora", "finetune", {"train": {"lr_small": 2.0e-4}}, method="lora", base="large",
         note="LoRA on the large model, rank chosen for the combined model's trainable count"),
+    Arm("lora-sentence", "finetune", {"train": {"lr_small": 2.0e-4}, "data": {"facts_answer": "sentence"}},
+        method="lora", base="large", followup=True, note="LoRA on the large model on whole-sentence facts answers"),
 )}
 
 DEFAULT_ARMS = [name for name, arm in ARMS.items() if not arm.followup]  # the arms

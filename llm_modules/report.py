@@ -33,7 +33,9 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-sentence", "small-alone-sentence"), ("combined-large-wide-sentence", "distill-sentence"),
          ("combined-large-wide-kd0.9-sentence", "small-alone-sentence"),
          ("combined-large-wide-sentence", "smollm-ft-sentence"), ("smollm-ft-sentence", "large-alone"),
-         ("combined-large-wide-kd0.9-sentence", "smollm-ft-sentence"))
+         ("combined-large-wide-kd0.9-sentence", "smollm-ft-sentence"),
+         ("combined-large-wide-sentence", "lora-sentence"), ("lora-sentence", "large-alone"),
+         ("smollm-ft-sentence", "lora-sentence"))
 
 
 def facts_relations(out: Path) -> list[str]:
