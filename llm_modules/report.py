@@ -35,7 +35,8 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-sentence", "smollm-ft-sentence"), ("smollm-ft-sentence", "large-alone"),
          ("combined-large-wide-kd0.9-sentence", "smollm-ft-sentence"),
          ("combined-large-wide-sentence", "lora-sentence"), ("lora-sentence", "large-alone"),
-         ("smollm-ft-sentence", "lora-sentence"))
+         ("smollm-ft-sentence", "lora-sentence"), ("large-alone-1.5b", "large-alone"),
+         ("smollm-ft-sentence", "large-alone-1.5b"))
 
 
 def facts_relations(out: Path) -> list[str]:
