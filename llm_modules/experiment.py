@@ -119,9 +119,6 @@ ARMS = {a.name: a for a in (
         method="lora", base="large", followup=True, note="LoRA on the large model on whole-sentence facts answers"),
     Arm("large-alone-1.5b", "large", {"large": {"name_or_path": "qwen2.5-coder-1.5b-instruct"}}, followup=True,
         note="the paper's large model size alone (Qwen2.5-Coder-1.5B-Instruct), not trained: the ceiling it offers"),
-    Arm("combined-large-wide-sentence-1.5b", "train",
-        _merge(WIDE, {"large": {"name_or_path": "qwen2.5-coder-1.5b-instruct"}, "data": {"facts_answer": "sentence"}}),
-        followup=True, note="combined-large-wide-sentence reading the 1.5B large model (1536 -> 768, the paper's shapes)"),
 )}
 
 DEFAULT_ARMS = [name for name, arm in ARMS.items() if not arm.followup]  # the arms
