@@ -37,7 +37,11 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-sentence", "lora-sentence"), ("lora-sentence", "large-alone"),
          ("smollm-ft-sentence", "lora-sentence"), ("combined-large-wide-kd0.9-sentence", "lora-sentence"),
          ("large-alone-1.5b", "large-alone"),
-         ("smollm-ft-sentence", "large-alone-1.5b"), ("lora-sentence", "large-alone-1.5b"))
+         ("smollm-ft-sentence", "large-alone-1.5b"), ("lora-sentence", "large-alone-1.5b"),
+         ("combined-large-wide-kd-sentence", "large-alone"),
+         ("combined-large-wide-kd-sentence", "combined-large-wide-sentence"),
+         ("combined-large-wide-kd-sentence", "combined-large-wide-kd0.9-sentence"),
+         ("combined-large-wide-kd-sentence", "smollm-ft-sentence"))
 
 
 def facts_relations(out: Path) -> list[str]:
