@@ -121,6 +121,10 @@ ARMS = {a.name: a for a in (
         note="LoRA on the large model, rank chosen for the combined model's trainable count"),
     Arm("lora-sentence", "finetune", {"train": {"lr_small": 2.0e-4}, "data": {"facts_answer": "sentence"}},
         method="lora", base="large", followup=True, note="LoRA on the large model on whole-sentence facts answers"),
+    Arm("combined-large-wide-sentence-1.5b", "train",
+        _merge(WIDE, {"large": {"name_or_path": "qwen2.5-coder-1.5b-instruct"}, "data": {"facts_answer": "sentence"}}),
+        followup=True, note="the sentence arm reading the paper's large model size (Qwen2.5-Coder-1.5B-Instruct, "
+                            "1536 wide; the 768-wide bridge keeps 766 of its 1536 directions); no curve, for time"),
     Arm("large-alone-1.5b", "large", {"large": {"name_or_path": "qwen2.5-coder-1.5b-instruct"}}, followup=True,
         note="the paper's large model size alone (Qwen2.5-Coder-1.5B-Instruct), not trained: the ceiling it offers"),
 )}
