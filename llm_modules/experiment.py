@@ -125,6 +125,11 @@ ARMS = {a.name: a for a in (
         _merge(WIDE, {"large": {"name_or_path": "qwen2.5-coder-1.5b-instruct"}, "data": {"facts_answer": "sentence"}}),
         followup=True, note="the sentence arm reading the paper's large model size (Qwen2.5-Coder-1.5B-Instruct, "
                             "1536 wide; the 768-wide bridge keeps 766 of its 1536 directions); no curve, for time"),
+    Arm("combined-large-wide-kd-sentence-1.5b", "train",
+        _merge(WIDE, {"large": {"name_or_path": "qwen2.5-coder-1.5b-instruct"}, "train": {"distill_weight": 0.5},
+                      "data": {"facts_answer": "sentence"}}),
+        followup=True, note="the 1.5B sentence arm with KL w = 0.5 to the 1.5B model's distribution (with the 0.5B "
+                            "model, the term kept more unseen answers); no curve, for time"),
     Arm("large-alone-1.5b", "large", {"large": {"name_or_path": "qwen2.5-coder-1.5b-instruct"}}, followup=True,
         note="the paper's large model size alone (Qwen2.5-Coder-1.5B-Instruct), not trained: the ceiling it offers"),
 )}

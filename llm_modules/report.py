@@ -44,7 +44,10 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-kd-sentence", "smollm-ft-sentence"),
          ("combined-large-wide-sentence-1.5b", "large-alone-1.5b"),
          ("combined-large-wide-sentence-1.5b", "combined-large-wide-sentence"),
-         ("combined-large-wide-sentence-1.5b", "smollm-ft-sentence"))
+         ("combined-large-wide-sentence-1.5b", "smollm-ft-sentence"),
+         ("combined-large-wide-kd-sentence-1.5b", "combined-large-wide-sentence-1.5b"),
+         ("combined-large-wide-kd-sentence-1.5b", "large-alone-1.5b"),
+         ("combined-large-wide-kd-sentence-1.5b", "smollm-ft-sentence"))
 
 
 def facts_relations(out: Path) -> list[str]:
