@@ -35,6 +35,7 @@ from .files import atomic_write_json
 
 SEGMENTS = "train.runs.jsonl"  # one line per training process of an arm: its wall time, peak memory, exit status
 SMOLLM = {"name_or_path": "smollm2-135m-instruct", "config": None, "pretrained": True, "overrides": {}}
+LARGE_1_5B = {"name_or_path": "qwen2.5-coder-1.5b-instruct"}  # the paper's large model size
 # The paper's small model (EleutherAI/gpt-neo-125M's shape: 768 wide, 12 layers), random, built from an inline config.
 GPT_NEO_125M = {"model_type": "gpt_neo", "vocab_size": 8, "bos_token_id": 0, "eos_token_id": 0, "hidden_size": 768,
                 "num_layers": 12, "num_heads": 12, "attention_types": [[["global", "local"], 6]],
@@ -122,15 +123,14 @@ ARMS = {a.name: a for a in (
     Arm("lora-sentence", "finetune", {"train": {"lr_small": 2.0e-4}, "data": {"facts_answer": "sentence"}},
         method="lora", base="large", followup=True, note="LoRA on the large model on whole-sentence facts answers"),
     Arm("combined-large-wide-sentence-1.5b", "train",
-        _merge(WIDE, {"large": {"name_or_path": "qwen2.5-coder-1.5b-instruct"}, "data": {"facts_answer": "sentence"}}),
+        _merge(WIDE, {"large": LARGE_1_5B, "data": {"facts_answer": "sentence"}}),
         followup=True, note="the sentence arm reading the paper's large model size (Qwen2.5-Coder-1.5B-Instruct, "
                             "1536 wide; the 768-wide bridge keeps 766 of its 1536 directions); no curve, for time"),
     Arm("combined-large-wide-kd-sentence-1.5b", "train",
-        _merge(WIDE, {"large": {"name_or_path": "qwen2.5-coder-1.5b-instruct"}, "train": {"distill_weight": 0.5},
-                      "data": {"facts_answer": "sentence"}}),
+        _merge(WIDE, {"large": LARGE_1_5B, "train": {"distill_weight": 0.5}, "data": {"facts_answer": "sentence"}}),
         followup=True, note="the 1.5B sentence arm with KL w = 0.5 to the 1.5B model's distribution (with the 0.5B "
                             "model, the term kept more unseen answers); no curve, for time"),
-    Arm("large-alone-1.5b", "large", {"large": {"name_or_path": "qwen2.5-coder-1.5b-instruct"}}, followup=True,
+    Arm("large-alone-1.5b", "large", {"large": LARGE_1_5B}, followup=True,
         note="the paper's large model size alone (Qwen2.5-Coder-1.5B-Instruct), not trained: the ceiling it offers"),
 )}
 
