@@ -65,6 +65,7 @@ class Arm:
     curve: bool = False  # held-out accuracy at several steps
     note: str = ""
     followup: bool = False  # tests a hypothesis of docs/results.md; runs when named (or --arms all), not by default
+    own_solutions: bool = False  # GSM8K: trains on the large model's own right solutions (own_solutions), not the set's
 
 
 ARMS = {a.name: a for a in (
@@ -130,6 +131,9 @@ ARMS = {a.name: a for a in (
         _merge(WIDE, {"large": LARGE_1_5B, "train": {"distill_weight": 0.5}, "data": {"facts_answer": "sentence"}}),
         followup=True, note="the 1.5B sentence arm with KL w = 0.5 to the 1.5B model's distribution (with the 0.5B "
                             "model, the term kept more unseen answers); no curve, for time"),
+    Arm("combined-large-wide-own", "train", WIDE, followup=True, own_solutions=True,
+        note="the 768-wide warm start trained on the large model's own GSM8K solutions that reach the right number "
+             "(its form, as the sentence arms for facts), not the data set's; no curve, for time"),
     Arm("large-alone-1.5b", "large", {"large": LARGE_1_5B}, followup=True,
         note="the paper's large model size alone (Qwen2.5-Coder-1.5B-Instruct), not trained: the ceiling it offers"),
 )}
@@ -150,6 +154,7 @@ class Suite:
     curve_points: int = 4  # evaluated at step 0 and at every steps / curve_points
     max_new_tokens: Optional[int] = None
     speed: tuple = (48, 2, 64)  # decode speed: new tokens per row, timed repeats, prompt tokens (tasks.decode_speed)
+    solutions: Optional[tuple] = None  # own_solutions: the task and the number of its problems answered
 
 
 SUITES = {
@@ -159,7 +164,7 @@ SUITES = {
     "gsm8k": Suite("gsm8k", {"benchmarks": ["gsm8k"], "reasoning_gym_tasks": [], "path": None,
                              "max_examples": 400, "val_fraction": 0.05, "max_length": 512}, steps=40, batch_size=8,
                    tests={"gsm8k": 200}, extra_tests={"hellaswag": 500, "arc_easy": 500},
-                   curve_task=("gsm8k", 30), curve_points=2),
+                   curve_task=("gsm8k", 30), curve_points=2, solutions=("gsm8k_train", 256)),
 }
 # --quick: every arm, the same code paths, small slices (minutes, not hours); curves of two points (step 0, the end).
 # The slices hold twice the examples the steps read (the feature cache and the warm start read the whole slice
@@ -170,16 +175,19 @@ QUICK = {
                      tests={"facts": 16}, curve_task=("facts", 8), curve_points=1, speed=(8, 1, 16)),
     "gsm8k": replace(SUITES["gsm8k"], data={**SUITES["gsm8k"].data, "max_examples": 16}, steps=2, batch_size=4,
                      tests={"gsm8k": 4}, extra_tests={"hellaswag": 10, "arc_easy": 10}, curve_task=("gsm8k", 2),
-                     curve_points=1, max_new_tokens=32, speed=(8, 1, 16)),
+                     curve_points=1, max_new_tokens=32, speed=(8, 1, 16), solutions=("gsm8k_train", 8)),
 }
 
 
 # ---- configs --------------------------------------------------------------------------------------------------
-def arm_config(base: LLMModulesConfig, suite: Suite, arm: Arm, out: Path) -> LLMModulesConfig:
+def arm_config(base: LLMModulesConfig, suite: Suite, arm: Arm, out: Path, solutions: Optional[Path] = None
+               ) -> LLMModulesConfig:
     """The suite's data and budget on top of `base`, then the arm's own changes; checkpoints kept for the curve,
-    the last one without optimizer state (an arm is never continued; 1.7 GB less to write for a 768-wide arm)."""
+    the last one without optimizer state (an arm is never continued; 1.7 GB less to write for a 768-wide arm).
+    `solutions`: a file of conversations (own_solutions) that replaces the suite's training data."""
     every = max(1, suite.steps // suite.curve_points)
-    d = _merge(base.to_dict(), {"data": suite.data, "train": {
+    data = suite.data if solutions is None else {**suite.data, "benchmarks": [], "path": str(solutions)}
+    d = _merge(base.to_dict(), {"data": data, "train": {
         "output_dir": str(out), "max_steps": suite.steps, "batch_size": suite.batch_size, "epochs": 1000,
         "eval_every": every, "save_every": every, "keep_every": every if arm.curve else None, "patience": None,
         "save_final_optimizer": False, "feature_cache": "auto"}})
@@ -395,6 +403,32 @@ def with_weights(load: Callable[[], tuple], checkpoint: Path) -> Callable[[], tu
     return swapped
 
 
+def own_solutions(base: LLMModulesConfig, suite: Suite, out: Path, log=print) -> Path:
+    """The large model's own solutions to the suite's first train problems that reach the right answer (rejection
+    sampling: its form, right), as conversations to train on; answered once by the large-alone arm (its
+    eval/<task>.jsonl, resumable as every evaluation), the file written once beside them."""
+    from .files import atomic_write_text
+
+    task, n = suite.solutions
+    large = ARMS["large-alone"]
+    cfg = arm_config(base, suite, large, out / large.name)
+    _, checkpoint, _, load = prepare_arm(cfg, large, None, log)
+    path = out / large.name / f"{task}.solutions.jsonl"
+    if not path.is_file():
+        log(f"  the large model's own solutions: {n} {task} problems")
+        evaluate_arm(checkpoint, {task: n}, out / large.name / "eval", large_only=True, batch_size=16,
+                     max_new_tokens=suite.max_new_tokens, load=load, log=log)
+        rows = [json.loads(ln) for ln in (out / large.name / "eval" / f"{task}.jsonl").read_text().splitlines()]
+        right = [r for r in rows if r["correct"]]
+        if not right:
+            raise UserError(f"{out / large.name / 'eval' / f'{task}.jsonl'}: the large model answered none of {n} "
+                            f"{task} problems right, so there is no own solution to train on")
+        atomic_write_text(path, "".join(json.dumps({"messages": [
+            {"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["output"]}]}) + "\n"
+            for r in right))
+    return path
+
+
 # ---- the experiment -------------------------------------------------------------------------------------------
 def _earlier_results(path: Path) -> Optional[dict]:
     """The results.json of earlier runs in the same output directory, if it can be read."""
@@ -422,7 +456,12 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
         for arm_name in arms:
             arm = ARMS[arm_name]
             d = out / name / arm_name
-            cfg = arm_config(base, suite, arm, d)
+            if arm.own_solutions and suite.solutions is None:
+                log(f"\n--- {name} / {arm_name}: skipped (it trains on the large model's own solutions, which this "
+                    f"suite does not define) ---")
+                continue
+            solutions = own_solutions(base, suite, out / name, log) if arm.own_solutions else None
+            cfg = arm_config(base, suite, arm, d, solutions)
             log(f"\n--- {name} / {arm_name} ({time.perf_counter() - t_start:.0f} s) ---")
             trained, checkpoint, large_only, load = prepare_arm(cfg, arm, target, log)
             r: dict = {"note": arm.note, **trained}

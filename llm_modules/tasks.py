@@ -49,12 +49,13 @@ class GenerationTask:
     judge: Callable[[str, Item], tuple[Optional[str], bool]]  # model output -> (extracted answer, correct)
 
 
-def _gsm8k_items(root: Optional[Path]) -> list[Item]:
+def _gsm8k_items(root: Optional[Path], split: str = "test") -> list[Item]:
     from .evaluate import extract_answer
 
-    rows = (hub_rows("openai/gsm8k", "main", "test") if root is None
-            else read_jsonl(data_file(root, "gsm8k/test.jsonl", "gsm8k")))
-    return [Item(f"gsm8k/{i}", r["question"], extract_answer(r["answer"]) or "") for i, r in enumerate(rows)]
+    rows = (hub_rows("openai/gsm8k", "main", split) if root is None
+            else read_jsonl(data_file(root, f"gsm8k/{split}.jsonl", "gsm8k")))
+    name = "gsm8k" if split == "test" else f"gsm8k_{split}"
+    return [Item(f"{name}/{i}", r["question"], extract_answer(r["answer"]) or "") for i, r in enumerate(rows)]
 
 
 def _gsm8k_judge(output: str, item: Item) -> tuple[Optional[str], bool]:
@@ -97,6 +98,10 @@ GENERATION_TASKS = {
     "facts": GenerationTask("facts", "exact match (normalized) on held-out subjects", 32, ("\n",), _facts_items,
                             _facts_judge),
     "gsm8k": GenerationTask("gsm8k", "exact match of the final number", 256, (), _gsm8k_items, _gsm8k_judge),
+    # GSM8K's train problems under the same protocol: not a benchmark, the way to a model's own solutions to train
+    # on (experiment.own_solutions: the large model's answers that reach the right number, rejection sampling).
+    "gsm8k_train": GenerationTask("gsm8k_train", "exact match of the final number (GSM8K train problems)", 256, (),
+                                  functools.partial(_gsm8k_items, split="train"), _gsm8k_judge),
     "math500": GenerationTask("math500", "Math-Verify equivalence of the final answer", 512, (), _math500_items,
                               _math500_judge),
 }

@@ -124,6 +124,37 @@ def test_follow_up_arms_run_when_named_or_with_all(tmp_path, monkeypatch):
     assert chosen[1] == list(ARMS) and chosen[2] == ["combined-large-wide-head0"]
 
 
+@needs_data
+def test_own_solutions_keep_the_large_models_right_answers_as_the_arms_training_data(tmp_path, monkeypatch, capsys):
+    """combined-large-wide-own: the large model answers GSM8K train problems (task gsm8k_train); the answers judged
+    right become the arm's training conversations, in place of the data set's solutions; a suite without own
+    solutions (facts) skips the arm."""
+    from llm_modules import experiment, tasks
+    from llm_modules.data import load_data
+
+    train = [json.loads(ln) for ln in open("../shared/data/gsm8k/train.jsonl")][:8]
+    items = tasks.GENERATION_TASKS["gsm8k_train"].load(tasks.find_data_dir(None))
+    assert [i.question for i in items[:8]] == [r["question"] for r in train] and items[0].id == "gsm8k_train/0"
+    right = {"gsm8k_train/1", "gsm8k_train/4"}  # the tiny random model answers nothing right: say these were
+    monkeypatch.setitem(tasks.GENERATION_TASKS, "gsm8k_train", replace(
+        tasks.GENERATION_TASKS["gsm8k_train"], judge=lambda output, item: (None, item.id in right)))
+    base = LLMModulesConfig.from_yaml("configs/tiny-random.yaml")
+    suite = experiment.QUICK["gsm8k"]
+    path = experiment.own_solutions(base, suite, tmp_path)
+    answers = {r["id"]: r for r in map(json.loads, (tmp_path / "large-alone" / "eval" / "gsm8k_train.jsonl").open())}
+    assert len(answers) == suite.solutions[1] == 8
+    kept = [json.loads(ln)["messages"] for ln in path.read_text().splitlines()]
+    assert kept == [[{"role": "user", "content": answers[i]["question"]},
+                     {"role": "assistant", "content": answers[i]["output"]}] for i in sorted(right)]
+    cfg = experiment.arm_config(base, suite, ARMS["combined-large-wide-own"], tmp_path / "own", path)
+    assert cfg.data.path == str(path) and cfg.data.benchmarks == []
+    bundle, _ = load_data(cfg, log=lambda _: None)
+    assert len(bundle.train) + len(bundle.val) == 2
+    assert main(["experiment", "--quick", "--config", "configs/tiny-random.yaml", "--suites", "facts", "--arms",
+                 "combined-large-wide-own", "--output-dir", str(tmp_path / "exp")]) == 0
+    assert "facts / combined-large-wide-own: skipped" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @needs_data
 def test_quick_experiment_on_real_weights(tmp_path):
