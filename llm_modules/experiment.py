@@ -154,7 +154,7 @@ class Suite:
     curve_points: int = 4  # evaluated at step 0 and at every steps / curve_points
     max_new_tokens: Optional[int] = None
     speed: tuple = (48, 2, 64)  # decode speed: new tokens per row, timed repeats, prompt tokens (tasks.decode_speed)
-    solutions: Optional[tuple] = None  # own_solutions: the task and the number of its problems answered
+    solutions: Optional[str] = None  # own_solutions: the task whose first data.max_examples problems are answered
 
 
 SUITES = {
@@ -164,7 +164,7 @@ SUITES = {
     "gsm8k": Suite("gsm8k", {"benchmarks": ["gsm8k"], "reasoning_gym_tasks": [], "path": None,
                              "max_examples": 400, "val_fraction": 0.05, "max_length": 512}, steps=40, batch_size=8,
                    tests={"gsm8k": 200}, extra_tests={"hellaswag": 500, "arc_easy": 500},
-                   curve_task=("gsm8k", 30), curve_points=2, solutions=("gsm8k_train", 256)),
+                   curve_task=("gsm8k", 30), curve_points=2, solutions="gsm8k_train"),
 }
 # --quick: every arm, the same code paths, small slices (minutes, not hours); curves of two points (step 0, the end).
 # The slices hold twice the examples the steps read (the feature cache and the warm start read the whole slice
@@ -175,7 +175,7 @@ QUICK = {
                      tests={"facts": 16}, curve_task=("facts", 8), curve_points=1, speed=(8, 1, 16)),
     "gsm8k": replace(SUITES["gsm8k"], data={**SUITES["gsm8k"].data, "max_examples": 16}, steps=2, batch_size=4,
                      tests={"gsm8k": 4}, extra_tests={"hellaswag": 10, "arc_easy": 10}, curve_task=("gsm8k", 2),
-                     curve_points=1, max_new_tokens=32, speed=(8, 1, 16), solutions=("gsm8k_train", 8)),
+                     curve_points=1, max_new_tokens=32, speed=(8, 1, 16)),
 }
 
 
@@ -404,12 +404,13 @@ def with_weights(load: Callable[[], tuple], checkpoint: Path) -> Callable[[], tu
 
 
 def own_solutions(base: LLMModulesConfig, suite: Suite, out: Path, log=print) -> Path:
-    """The large model's own solutions to the suite's first train problems that reach the right answer (rejection
-    sampling: its form, right), as conversations to train on; answered once by the large-alone arm (its
-    eval/<task>.jsonl, resumable as every evaluation), the file written once beside them."""
+    """The large model's own solutions to the suite's training problems (the first data.max_examples, those the
+    other arms train on) that reach the right answer (rejection sampling: its form, right), as conversations to
+    train on; answered once by the large-alone arm (its eval/<task>.jsonl, resumable as every evaluation), the file
+    written once beside them."""
     from .files import atomic_write_text
 
-    task, n = suite.solutions
+    task, n = suite.solutions, suite.data["max_examples"]
     large = ARMS["large-alone"]
     cfg = arm_config(base, suite, large, out / large.name)
     _, checkpoint, _, load = prepare_arm(cfg, large, None, log)

@@ -132,9 +132,9 @@ def test_own_solutions_keep_the_large_models_right_answers_as_the_arms_training_
     from llm_modules import experiment, tasks
     from llm_modules.data import load_data
 
-    train = [json.loads(ln) for ln in open("../shared/data/gsm8k/train.jsonl")][:8]
+    train = [json.loads(ln) for ln in open("../shared/data/gsm8k/train.jsonl")][:16]
     items = tasks.GENERATION_TASKS["gsm8k_train"].load(tasks.find_data_dir(None))
-    assert [i.question for i in items[:8]] == [r["question"] for r in train] and items[0].id == "gsm8k_train/0"
+    assert [i.question for i in items[:16]] == [r["question"] for r in train] and items[0].id == "gsm8k_train/0"
     right = {"gsm8k_train/1", "gsm8k_train/4"}  # the tiny random model answers nothing right: say these were
     monkeypatch.setitem(tasks.GENERATION_TASKS, "gsm8k_train", replace(
         tasks.GENERATION_TASKS["gsm8k_train"], judge=lambda output, item: (None, item.id in right)))
@@ -142,7 +142,7 @@ def test_own_solutions_keep_the_large_models_right_answers_as_the_arms_training_
     suite = experiment.QUICK["gsm8k"]
     path = experiment.own_solutions(base, suite, tmp_path)
     answers = {r["id"]: r for r in map(json.loads, (tmp_path / "large-alone" / "eval" / "gsm8k_train.jsonl").open())}
-    assert len(answers) == suite.solutions[1] == 8
+    assert len(answers) == suite.data["max_examples"] == 16
     kept = [json.loads(ln)["messages"] for ln in path.read_text().splitlines()]
     assert kept == [[{"role": "user", "content": answers[i]["question"]},
                      {"role": "assistant", "content": answers[i]["output"]}] for i in sorted(right)]
