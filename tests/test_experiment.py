@@ -6,7 +6,7 @@ import pytest
 
 from llm_modules import LLMModulesConfig
 from llm_modules.__main__ import main
-from llm_modules.experiment import ARMS, DEFAULT_ARMS
+from llm_modules.experiment import ARMS, DEFAULT_ARMS, SUITES, arm_config
 from test_tasks import needs_data
 
 
@@ -108,6 +108,19 @@ def test_every_paired_comparison_names_two_arms_and_the_sentence_arms_train_on_s
     for name in [n for n in ARMS if n.endswith("-sentence")]:
         twin = ARMS[name.removesuffix("-sentence")].over
         assert ARMS[name].over == {**twin, "data": {**twin.get("data", {}), "facts_answer": "sentence"}}, name
+
+
+def test_a_seeded_arm_differs_from_its_twin_only_in_its_seeds(tmp_path):
+    """A -seedN arm measures run-to-run spread: the same data, held-out split and steps, other random draws."""
+    base = LLMModulesConfig.from_yaml("configs/default.yaml")
+    seeded = [n for n in ARMS if n.endswith("-seed1")]
+    assert seeded and all(ARMS[n].followup for n in seeded)
+    for name in seeded:
+        twin, arm = (arm_config(base, SUITES["facts"], ARMS[n], tmp_path).to_dict()
+                     for n in (name.removesuffix("-seed1"), name))
+        assert (arm["bridge"].pop("seed"), arm["train"].pop("seed")) == (1, 1)
+        twin["bridge"].pop("seed"), twin["train"].pop("seed")
+        assert arm == twin and arm["data"]["seed"] == 0, name
 
 
 def test_follow_up_arms_run_when_named_or_with_all(tmp_path, monkeypatch):
