@@ -139,7 +139,6 @@ ARMS = {a.name: a for a in (
 )}
 
 
-
 def _seeded(arm: Arm, seed: int) -> Arm:
     """`arm` again with another seed: the random initialization (bridge, new head, a random small model) and the
     batches' order and dropout (bridge.seed, train.seed); the same data, held-out split and feature cache. Two runs of
