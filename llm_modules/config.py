@@ -163,6 +163,9 @@ class TrainConfig:
     # The new LM head's learning rate: None = lr_small (the paper: one group with the small model); 0 = frozen where
     # it starts (no gradient, no optimizer state; still saved), e.g. at the warm start's read-out of the large model.
     lr_head: Optional[float] = None
+    # The prompt coupling's tanh gates (one scalar alpha per memory layer, starting closed at 0): None = lr_bridge.
+    # Adam moves a scalar by about its learning rate per step, so at 1e-4 a gate opens by at most ~0.01 in 120 steps.
+    lr_gate: Optional[float] = None
     weight_decay: float = 0.01
     warmup_steps: int = 10
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -215,6 +218,8 @@ class TrainConfig:
             out.append(f"{where}.distill_temperature: {self.distill_temperature} must be > 0")
         if self.lr_head is not None and self.lr_head < 0:
             out.append(f"{where}.lr_head: {self.lr_head} must be >= 0 (or null: lr_small)")
+        if self.lr_gate is not None and self.lr_gate < 0:
+            out.append(f"{where}.lr_gate: {self.lr_gate} must be >= 0 (or null: lr_bridge)")
         for name in ("lr_bridge", "lr_small", "weight_decay", "max_grad_norm", "warmup_steps", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 out.append(f"{where}.{name}: {getattr(self, name)} must be >= 0")
@@ -252,6 +257,9 @@ class LLMModulesConfig:
             if self.large.layer != -1:
                 problems.append(f"bridge.init: large needs large.layer: -1 (the state the large model's head reads), "
                                 f"not {self.large.layer}")
+        if self.train.lr_gate is not None and self.coupling != "prompt":
+            problems.append(f"train.lr_gate: only coupling 'prompt' has tanh gates, not {self.coupling!r}; "
+                            "leave it unset")
         collect(problems, "invalid config")
 
     # ---- dict / YAML round-trip -------------------------------------------------------------------------

@@ -53,6 +53,8 @@ def _merge(base: dict, over: dict) -> dict:
 # The warm start with the paper's small model shape, the base of the 768-wide arms.
 WIDE = {"small": {"config": GPT_NEO_125M}, "bridge": {"num_heads": 8, "adapter_dim": 256, "init": "large"},
         "train": {"lr_bridge": 1.0e-4, "lr_small": 1.0e-4}}
+# The prompt coupling's design case: SmolLM2-135M-Instruct kept whole, gated memory attention after every 6th block.
+PROMPT = {"coupling": "prompt", "small": SMOLLM, "bridge": {"every": 6}, "train": {"lr_small": 5.0e-5}}
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,11 @@ ARMS = {a.name: a for a in (
     Arm("distill-sentence", "train",
         {"coupling": "none", "train": {"distill_weight": 0.5}, "data": {"facts_answer": "sentence"}}, followup=True,
         note="the distilled small model on whole-sentence facts answers (the sentence arms' baseline)"),
-    Arm("prompt-smollm", "train", {"coupling": "prompt", "small": SMOLLM, "bridge": {"every": 6},
-                                   "train": {"lr_small": 5.0e-5}},
-        note="prompt coupling, SmolLM2-135M-Instruct kept whole (its design case)"),
+    Arm("prompt-smollm", "train", PROMPT, note="prompt coupling, SmolLM2-135M-Instruct kept whole (its design case)"),
+    Arm("prompt-smollm-sentence-lrgate", "train",
+        _merge(PROMPT, {"train": {"lr_gate": 1.0e-2}, "data": {"facts_answer": "sentence"}}),
+        followup=True, note="the prompt coupling on whole-sentence facts answers, its tanh gates at lr 1e-2 (at the "
+                            "bridge's 1e-4 they had opened to at most tanh(alpha) = 0.019 in 120 steps)"),
     Arm("smollm-ft", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5}}, method="full", base="small",
         note="SmolLM2-135M-Instruct fine-tuned alone"),
     Arm("smollm-ft-sentence", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5},

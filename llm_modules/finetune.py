@@ -59,8 +59,8 @@ RESUME_NAME = "resume"
 # the labelled positions only, as the combined model's does. Others run their whole forward.
 HEAD_ONLY_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gpt2", "gpt_neo")
 # train.* fields that do not change what a baseline run computes (a finished run is not redone for them).
-TRAIN_IRRELEVANT = ("output_dir", "lr_bridge", "save_every", "feature_cache", "feature_dtype", "feature_cache_dir",
-                    "tensorboard", "num_threads", "distill_weight", "distill_temperature",
+TRAIN_IRRELEVANT = ("output_dir", "lr_bridge", "lr_gate", "save_every", "feature_cache", "feature_dtype",
+                    "feature_cache_dir", "tensorboard", "num_threads", "distill_weight", "distill_temperature",
                     "distill_weight_end", "distill_decay_from")
 
 

@@ -124,21 +124,27 @@ class LLMModules(nn.Module):
         return [(n, p) for n, p in self.trainable_named_parameters() if lr_head != 0 or not n.startswith("lm_head.")]
 
     def param_groups(self, lr_bridge: float, lr_small: float, weight_decay: float,
-                     lr_head: Optional[float] = None) -> list[dict]:
+                     lr_head: Optional[float] = None, lr_gate: Optional[float] = None) -> list[dict]:
         """AdamW groups as in the paper: the bridge at lr_bridge, the small model and its new head at lr_small; with
-        lr_head, the head in a group of its own at that rate, and at 0 in none: frozen (no gradient is computed)."""
+        lr_head, the head in a group of its own at that rate, and at 0 in none: frozen (no gradient is computed);
+        with lr_gate, the prompt coupling's tanh gates (GatedMemoryAttention.alpha) in a group of their own."""
         head = dict(self.lm_head.named_parameters())
         if lr_head is not None and any(p is q for p in head.values() for q in self.small.parameters()):
             raise UserError("train.lr_head: this model's LM head is the small model's own input embedding (tied), "
                             "so a learning rate of its own would also change the embedding; leave train.lr_head unset")
+        gates = {id(p) for n, p in self.bridge.named_parameters() if n.endswith(".alpha")}
         self.lm_head.requires_grad_(lr_head != 0)
-        groups = {"bridge": [], "small": [], "lm_head": []}
+        groups = {"bridge": [], "gate": [], "small": [], "lm_head": []}
         for n, p in self.trained_named_parameters(lr_head):
             part = n.split(".", 1)[0]
-            groups["small" if part == "lm_head" and lr_head is None else part].append(p)
-        lrs = {"bridge": lr_bridge, "small": lr_small, "lm_head": lr_head}
+            if part == "lm_head" and lr_head is None:
+                part = "small"
+            elif id(p) in gates and lr_gate is not None:
+                part = "gate"
+            groups[part].append(p)
+        lrs = {"bridge": lr_bridge, "gate": lr_gate, "small": lr_small, "lm_head": lr_head}
         return [{"params": groups[g], "lr": lrs[g], "weight_decay": weight_decay, "name": g}
-                for g in ("bridge", "small", "lm_head") if g != "lm_head" or lr_head]
+                for g in ("bridge", "gate", "small", "lm_head") if groups[g] or g in ("bridge", "small")]
 
     # ---- forward -------------------------------------------------------------------------------------------
     @torch.no_grad()

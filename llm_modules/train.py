@@ -110,7 +110,7 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     batches = LengthGroupedBatches([len(e) for e in data.train], global_batch, seed=t.seed)
     steps_per_epoch = max(1, len(batches) // t.grad_accum)
     max_steps = min(t.max_steps, steps_per_epoch * t.epochs) if t.max_steps is not None else steps_per_epoch * t.epochs
-    optimizer = make_optimizer(model.param_groups(t.lr_bridge, t.lr_small, t.weight_decay, t.lr_head))
+    optimizer = make_optimizer(model.param_groups(t.lr_bridge, t.lr_small, t.weight_decay, t.lr_head, t.lr_gate))
     make = get_cosine_schedule_with_warmup if t.schedule == "cosine" else get_constant_schedule_with_warmup
     kwargs = {"num_training_steps": max(1, max_steps)} if t.schedule == "cosine" else {}
     scheduler = make(optimizer, num_warmup_steps=t.warmup_steps, **kwargs)

@@ -123,6 +123,15 @@ def test_a_seeded_arm_differs_from_its_twin_only_in_its_seeds(tmp_path):
         assert arm == twin and arm["data"]["seed"] == 0, name
 
 
+def test_the_open_gate_prompt_arm_differs_from_the_prompt_arm_in_its_gates_and_answer_form_only(tmp_path):
+    base = LLMModulesConfig.from_yaml("configs/default.yaml")
+    twin, arm = (arm_config(base, SUITES["facts"], ARMS[n], tmp_path).to_dict()
+                 for n in ("prompt-smollm", "prompt-smollm-sentence-lrgate"))
+    assert (arm["train"].pop("lr_gate"), twin["train"].pop("lr_gate")) == (1.0e-2, None)
+    assert (arm["data"].pop("facts_answer"), twin["data"].pop("facts_answer")) == ("sentence", "object")
+    assert arm == twin
+
+
 def test_follow_up_arms_run_when_named_or_with_all(tmp_path, monkeypatch):
     from llm_modules import experiment
 

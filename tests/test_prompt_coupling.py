@@ -144,3 +144,31 @@ def test_a_pretrained_small_model_is_kept_whole(tmp_path):
     ids = torch.randint(0, 300, (1, 7))
     same = dict(attention_mask=torch.ones_like(ids), position_ids=torch.arange(7)[None], use_cache=False)
     assert torch.equal(model(ids, memory_ids=torch.randint(0, 96, (1, 3))).logits, pretrained(ids, **same).logits)
+
+
+def test_lr_gate_gives_the_tanh_gates_a_group_of_their_own():
+    # Adam's first step moves each scalar by its group's learning rate (m / sqrt(v) = sign of the gradient): at the
+    # bridge's rate a gate closed at 0 barely opens in a short run, at lr_gate's it opens as fast as that rate allows.
+    def first_step(lr_gate):
+        model = LLMModules.from_config(cfg("llama")).train()
+        groups = model.param_groups(1e-3, 1e-3, 0.0, lr_gate=lr_gate)
+        opt = torch.optim.AdamW(groups)
+        ids = torch.randint(0, 300, (2, 9))
+        model(ids, memory_ids=torch.randint(0, 96, (2, 5)), labels=ids).loss.backward()
+        opt.step()
+        return groups, torch.stack([g.alpha.detach().abs() for g in model.bridge.layers])
+
+    groups, moved = first_step(0.1)
+    assert [(g["name"], g["lr"]) for g in groups] == [("bridge", 1e-3), ("gate", 0.1), ("small", 1e-3)]
+    assert len(groups[1]["params"]) == 2 and all(p.dim() == 0 for p in groups[1]["params"])  # the 2 layers' alphas
+    assert torch.allclose(moved, torch.full_like(moved, 0.1), rtol=1e-3)
+    groups, moved = first_step(None)  # unset: the gates train with the bridge, as before
+    assert [g["name"] for g in groups] == ["bridge", "small"]
+    assert torch.allclose(moved, torch.full_like(moved, 1e-3), rtol=1e-3)
+
+
+def test_lr_gate_is_refused_where_there_are_no_gates():
+    from llm_modules.errors import UserError
+
+    with pytest.raises(UserError, match=r"train.lr_gate: only coupling 'prompt' has tanh gates, not 'stream'"):
+        cfg("llama", coupling="stream", train={"lr_gate": 1e-2})

@@ -161,6 +161,7 @@ def test_bad_records_stop_with_file_and_line(tmp_path, capsys, case):
     (["--train.batch_size", "four"], "train.batch_size: expected int"),
     (["--bridge.gate", "maybe"], "bridge.gate: 'maybe' is not one of"),
     (["--train.lr_head", "-1"], "train.lr_head: -1.0 must be >= 0"),
+    (["--train.lr_gate", "0.01"], "train.lr_gate: only coupling 'prompt' has tanh gates"),
     (["--data.path", "/nonexistent/x.jsonl"], "/nonexistent/x.jsonl"),
     (["--train.output_dir", "/proc/forbidden"], "not writable"),
 ])
