@@ -151,9 +151,10 @@ def _seeded(arm: Arm, seed: int) -> Arm:
                    over=_merge(arm.over, {"bridge": {"seed": seed}, "train": {"seed": seed}}))
 
 
-# The closest comparison on facts (docs/results.md: level, 48 against 54 unseen answers), run again with seed 1.
+# The closest comparison on facts (docs/results.md: level, 48 against 54 unseen answers), run again with seed 1, and
+# the open-gate prompt coupling against the same SmolLM2 baseline.
 ARMS.update((a.name, a) for a in (_seeded(ARMS[name], 1) for name in (
-    "combined-large-wide-sentence-1.5b", "smollm-ft-sentence")))
+    "combined-large-wide-sentence-1.5b", "smollm-ft-sentence", "prompt-smollm-sentence-lrgate")))
 DEFAULT_ARMS = [name for name, arm in ARMS.items() if not arm.followup]  # the arms
 
 
