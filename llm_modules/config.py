@@ -164,7 +164,7 @@ class TrainConfig:
     # it starts (no gradient, no optimizer state; still saved), e.g. at the warm start's read-out of the large model.
     lr_head: Optional[float] = None
     # The prompt coupling's tanh gates (one scalar alpha per memory layer, starting closed at 0): None = lr_bridge.
-    # Adam moves a scalar by about its learning rate per step: at 1e-4, 120 steps left tanh(alpha) <= 0.019.
+    # Adam moves a scalar by about its learning rate per step, so this rate bounds how fast a gate can open.
     lr_gate: Optional[float] = None
     weight_decay: float = 0.01
     warmup_steps: int = 10

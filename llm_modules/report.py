@@ -49,8 +49,6 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-kd-sentence-1.5b", "large-alone-1.5b"),
          ("combined-large-wide-kd-sentence-1.5b", "smollm-ft-sentence"),
          ("prompt-smollm-sentence-lrgate", "smollm-ft-sentence"), ("prompt-smollm-sentence-lrgate", "large-alone"),
-         ("prompt-smollm-sentence-lrgate-seed1", "smollm-ft-sentence-seed1"),
-         ("prompt-smollm-sentence-lrgate-seed1", "prompt-smollm-sentence-lrgate"),
          ("combined-large-wide-sentence-1.5b-seed1", "smollm-ft-sentence-seed1"),
          ("combined-large-wide-sentence-1.5b-seed1", "smollm-ft-sentence"),
          ("combined-large-wide-sentence-1.5b-seed1", "combined-large-wide-sentence-1.5b"),

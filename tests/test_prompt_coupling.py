@@ -147,8 +147,7 @@ def test_a_pretrained_small_model_is_kept_whole(tmp_path):
 
 
 def test_lr_gate_gives_the_tanh_gates_a_group_of_their_own():
-    # Adam's first step moves each scalar by its group's learning rate (m / sqrt(v) = sign of the gradient): at the
-    # bridge's rate a gate closed at 0 barely opens in a short run, at lr_gate's it opens as fast as that rate allows.
+    # Adam's first step moves each scalar by its group's learning rate (m / sqrt(v) = sign of the gradient).
     def first_step(lr_gate):
         model = LLMModules.from_config(cfg("llama")).train()
         groups = model.param_groups(1e-3, 1e-3, 0.0, lr_gate=lr_gate)
