@@ -54,6 +54,10 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-sentence-1.5b-seed1", "combined-large-wide-sentence-1.5b"),
          ("combined-large-wide-sentence-1.5b-seed1", "large-alone-1.5b"),
          ("smollm-ft-sentence-seed1", "smollm-ft-sentence"),
+         ("combined-large-wide-sentence-1.5b-240steps", "smollm-ft-sentence"),
+         ("combined-large-wide-sentence-1.5b-240steps", "combined-large-wide-sentence-1.5b-seed1"),
+         ("combined-large-wide-sentence-1.5b-240steps", "smollm-ft-sentence-240steps"),
+         ("smollm-ft-sentence-240steps", "smollm-ft-sentence"),
          ("combined-large-wide-own", "large-alone"), ("combined-large-wide-own", "combined-large-wide"),
          ("combined-large-wide-own", "combined-large-wide-kd"), ("combined-large-wide-own", "lora"))
 

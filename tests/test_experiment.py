@@ -123,6 +123,17 @@ def test_a_seeded_arm_differs_from_its_twin_only_in_its_seeds(tmp_path):
         assert arm == twin and arm["data"]["seed"] == 0, name
 
 
+def test_a_longer_arm_differs_from_its_twin_only_in_its_steps(tmp_path):
+    base = LLMModulesConfig.from_yaml("configs/default.yaml")
+    longer = [n for n in ARMS if n.endswith("-240steps")]
+    assert longer and all(ARMS[n].followup for n in longer)
+    for name in longer:
+        twin, arm = (arm_config(base, SUITES["facts"], ARMS[n], tmp_path).to_dict()
+                     for n in (name.removesuffix("-240steps"), name))
+        assert (arm["train"].pop("max_steps"), twin["train"].pop("max_steps")) == (240, SUITES["facts"].steps)
+        assert arm == twin, name
+
+
 def test_the_open_gate_prompt_arm_differs_from_the_prompt_arm_in_its_gates_and_answer_form_only(tmp_path):
     base = LLMModulesConfig.from_yaml("configs/default.yaml")
     twin, arm = (arm_config(base, SUITES["facts"], ARMS[n], tmp_path).to_dict()
