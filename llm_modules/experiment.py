@@ -118,6 +118,10 @@ ARMS = {a.name: a for a in (
         _merge(PROMPT, {"train": {"lr_gate": 1.0e-2}, "data": {"facts_answer": "sentence"}}),
         followup=True, note="the prompt coupling on whole-sentence facts answers, its tanh gates at lr 1e-2 (with "
                             "the memory attention's 1e-3 they had stayed within tanh(alpha) = 0.019 over 120 steps)"),
+    Arm("prompt-smollm-sentence-lrgate-1.5b", "train",
+        _merge(PROMPT, {"large": LARGE_1_5B, "train": {"lr_gate": 1.0e-2}, "data": {"facts_answer": "sentence"}}),
+        followup=True, note="the open-gate prompt arm reading the 1.5B model, whose memory holds more of the unseen "
+                            "answers SmolLM2 lacks than the 0.5B model's (with it the gates closed again)"),
     Arm("smollm-ft", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5}}, method="full", base="small",
         note="SmolLM2-135M-Instruct fine-tuned alone"),
     Arm("smollm-ft-sentence", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5},

@@ -143,6 +143,14 @@ def test_the_open_gate_prompt_arm_differs_from_the_prompt_arm_in_its_gates_and_a
     assert arm == twin
 
 
+def test_the_open_gate_prompt_arm_reading_the_1_5b_model_differs_from_its_twin_in_the_large_model_only(tmp_path):
+    base = LLMModulesConfig.from_yaml("configs/default.yaml")
+    twin, arm = (arm_config(base, SUITES["facts"], ARMS[n], tmp_path).to_dict()
+                 for n in ("prompt-smollm-sentence-lrgate", "prompt-smollm-sentence-lrgate-1.5b"))
+    assert arm.pop("large")["name_or_path"] == "qwen2.5-coder-1.5b-instruct" != twin.pop("large")["name_or_path"]
+    assert arm == twin
+
+
 def test_follow_up_arms_run_when_named_or_with_all(tmp_path, monkeypatch):
     from llm_modules import experiment
 
