@@ -55,6 +55,8 @@ WIDE = {"small": {"config": GPT_NEO_125M}, "bridge": {"num_heads": 8, "adapter_d
         "train": {"lr_bridge": 1.0e-4, "lr_small": 1.0e-4}}
 # The prompt coupling's design case: SmolLM2-135M-Instruct kept whole, gated memory attention after every 6th block.
 PROMPT = {"coupling": "prompt", "small": SMOLLM, "bridge": {"every": 6}, "train": {"lr_small": 5.0e-5}}
+# Its gates free to open (their own learning rate), on whole-sentence facts answers.
+PROMPT_OPEN = _merge(PROMPT, {"train": {"lr_gate": 1.0e-2}, "data": {"facts_answer": "sentence"}})
 
 
 @dataclass(frozen=True)
@@ -114,12 +116,10 @@ ARMS = {a.name: a for a in (
         {"coupling": "none", "train": {"distill_weight": 0.5}, "data": {"facts_answer": "sentence"}}, followup=True,
         note="the distilled small model on whole-sentence facts answers (the sentence arms' baseline)"),
     Arm("prompt-smollm", "train", PROMPT, note="prompt coupling, SmolLM2-135M-Instruct kept whole (its design case)"),
-    Arm("prompt-smollm-sentence-lrgate", "train",
-        _merge(PROMPT, {"train": {"lr_gate": 1.0e-2}, "data": {"facts_answer": "sentence"}}),
+    Arm("prompt-smollm-sentence-lrgate", "train", PROMPT_OPEN,
         followup=True, note="the prompt coupling on whole-sentence facts answers, its tanh gates at lr 1e-2 (with "
                             "the memory attention's 1e-3 they had stayed within tanh(alpha) = 0.019 over 120 steps)"),
-    Arm("prompt-smollm-sentence-lrgate-1.5b", "train",
-        _merge(PROMPT, {"large": LARGE_1_5B, "train": {"lr_gate": 1.0e-2}, "data": {"facts_answer": "sentence"}}),
+    Arm("prompt-smollm-sentence-lrgate-1.5b", "train", _merge(PROMPT_OPEN, {"large": LARGE_1_5B}),
         followup=True, note="the open-gate prompt arm reading the 1.5B model, whose memory holds more of the unseen "
                             "answers SmolLM2 lacks than the 0.5B model's (with it the gates closed again)"),
     Arm("smollm-ft", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5}}, method="full", base="small",
