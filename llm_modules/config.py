@@ -159,7 +159,7 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr_bridge: float = 1e-4
-    lr_small: float = 5e-5
+    lr_small: float = 5e-5  # 0 = the small model frozen where it starts (its head too unless lr_head is set)
     # The new LM head's learning rate: None = lr_small (the paper: one group with the small model); 0 = frozen where
     # it starts (no gradient, no optimizer state; still saved), e.g. at the warm start's read-out of the large model.
     lr_head: Optional[float] = None

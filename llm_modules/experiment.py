@@ -122,6 +122,11 @@ ARMS = {a.name: a for a in (
     Arm("prompt-smollm-sentence-lrgate-1.5b", "train", _merge(PROMPT_OPEN, {"large": LARGE_1_5B}),
         followup=True, note="the open-gate prompt arm reading the 1.5B model, whose memory holds more of the unseen "
                             "answers SmolLM2 lacks than the 0.5B model's (with it the gates closed again)"),
+    Arm("prompt-smollm-sentence-frozen-1.5b", "train",
+        _merge(PROMPT_OPEN, {"large": LARGE_1_5B, "train": {"lr_small": 0.0}}), followup=True,
+        note="the open-gate 1.5B prompt arm with SmolLM2 and its head frozen (Flamingo's case): only the memory "
+             "attention and its gates train, so the loss can fall only through what SmolLM2 reads (trained, "
+             "SmolLM2 memorized the train subjects' answers itself and the gates closed)"),
     Arm("smollm-ft", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5}}, method="full", base="small",
         note="SmolLM2-135M-Instruct fine-tuned alone"),
     Arm("smollm-ft-sentence", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5},
@@ -227,7 +232,7 @@ def trainable_count(cfg: LLMModulesConfig) -> int:
     from .model import LLMModules
 
     model = LLMModules.from_config(cfg, load_large=False)
-    return sum(p.numel() for _, p in model.trained_named_parameters(cfg.train.lr_head))
+    return sum(p.numel() for _, p in model.trained_named_parameters(cfg.train.lr_head, cfg.train.lr_small))
 
 
 # ---- running one piece, resumably -------------------------------------------------------------------------------
@@ -335,7 +340,8 @@ def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], loa
     runs = [json.loads(ln) for ln in (out / SEGMENTS).read_text().splitlines() if ln.strip()]
     cost = {"wall_seconds": sum(r["wall_seconds"] for r in runs), "runs": len(runs),  # a resumed arm: all its runs
             "peak_memory_gib": max(r["peak_memory_gib"] for r in runs)}
-    trainable = (sum(p.numel() for _, p in load()[0].trained_named_parameters(cfg.train.lr_head))
+    trainable = (sum(p.numel() for _, p in load()[0].trained_named_parameters(cfg.train.lr_head,
+                                                                                  cfg.train.lr_small))
                  if arm.kind == "train"
                  else json.loads((out / "best" / "finetune.json").read_text())["trainable_params"])
     steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]

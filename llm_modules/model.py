@@ -119,23 +119,31 @@ class LLMModules(nn.Module):
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if n.split(".", 1)[0] in TRAINABLE]
 
-    def trained_named_parameters(self, lr_head: Optional[float] = None) -> list[tuple[str, nn.Parameter]]:
-        """What training changes: the trainable set less the head when it is frozen (train.lr_head: 0)."""
-        return [(n, p) for n, p in self.trainable_named_parameters() if lr_head != 0 or not n.startswith("lm_head.")]
+    def trained_named_parameters(self, lr_head: Optional[float] = None,
+                                 lr_small: Optional[float] = None) -> list[tuple[str, nn.Parameter]]:
+        """What training changes: the trainable set less what a learning rate of 0 freezes: the head
+        (train.lr_head: 0, or lr_small: 0 with lr_head unset) and the small model (train.lr_small: 0)."""
+        frozen = {"lm_head"} if lr_head == 0 or (lr_head is None and lr_small == 0) else set()
+        frozen |= {"small"} if lr_small == 0 else set()
+        return [(n, p) for n, p in self.trainable_named_parameters() if n.split(".", 1)[0] not in frozen]
 
     def param_groups(self, lr_bridge: float, lr_small: float, weight_decay: float,
                      lr_head: Optional[float] = None, lr_gate: Optional[float] = None) -> list[dict]:
         """AdamW groups as in the paper: the bridge at lr_bridge, the small model and its new head at lr_small; with
-        lr_head, the head in a group of its own at that rate, and at 0 in none: frozen (no gradient is computed);
-        with lr_gate, the prompt coupling's tanh gates (GatedMemoryAttention.alpha) in a group of their own."""
+        lr_head, the head in a group of its own at that rate, and at 0 in none: frozen (no gradient is computed;
+        lr_small: 0 freezes the small model, and the head with it unless lr_head is set); with lr_gate, the prompt
+        coupling's tanh gates (GatedMemoryAttention.alpha) in a group of their own."""
         head = dict(self.lm_head.named_parameters())
         if lr_head is not None and any(p is q for p in head.values() for q in self.small.parameters()):
             raise UserError("train.lr_head: this model's LM head is the small model's own input embedding (tied), "
                             "so a learning rate of its own would also change the embedding; leave train.lr_head unset")
         gates = {id(p) for n, p in self.bridge.named_parameters() if n.endswith(".alpha")}
-        self.lm_head.requires_grad_(lr_head != 0)
+        trained = self.trained_named_parameters(lr_head, lr_small)
+        kept = {id(p) for _, p in trained}
+        for _, p in self.trainable_named_parameters():
+            p.requires_grad_(id(p) in kept)
         groups = {"bridge": [], "gate": [], "small": [], "lm_head": []}
-        for n, p in self.trained_named_parameters(lr_head):
+        for n, p in trained:
             part = n.split(".", 1)[0]
             if part == "lm_head" and lr_head is None:
                 part = "small"

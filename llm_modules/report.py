@@ -52,6 +52,8 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("prompt-smollm-sentence-lrgate-1.5b", "smollm-ft-sentence"),
          ("prompt-smollm-sentence-lrgate-1.5b", "prompt-smollm-sentence-lrgate"),
          ("prompt-smollm-sentence-lrgate-1.5b", "large-alone-1.5b"),
+         ("prompt-smollm-sentence-frozen-1.5b", "smollm-ft-sentence"),
+         ("prompt-smollm-sentence-frozen-1.5b", "prompt-smollm-sentence-lrgate-1.5b"),
          ("combined-large-wide-sentence-1.5b-seed1", "smollm-ft-sentence-seed1"),
          ("combined-large-wide-sentence-1.5b-seed1", "smollm-ft-sentence"),
          ("combined-large-wide-sentence-1.5b-seed1", "combined-large-wide-sentence-1.5b"),

@@ -535,7 +535,7 @@ def train(cfg: LLMModulesConfig, *, resume: bool = True, log=print, stop_at: Opt
     """Set up, fit and return the final progress; the trained weights are in `<output_dir>/checkpoints`."""
     run = setup(cfg, resume=resume, log=log)
     log = run.log  # silent on ranks other than the main one
-    trained = sum(p.numel() for _, p in run.unwrapped.trained_named_parameters(cfg.train.lr_head))
+    trained = sum(p.numel() for _, p in run.unwrapped.trained_named_parameters(cfg.train.lr_head, cfg.train.lr_small))
     log(f"training {trained:,} parameters for "
         f"{run.max_steps} steps ({len(run.data.train)} train / {len(run.data.val)} val examples) -> {run.out}")
     progress = fit(run, stop_at=stop_at)

@@ -152,6 +152,14 @@ def test_the_open_gate_prompt_arm_reading_the_1_5b_model_differs_from_its_twin_i
     assert arm == twin
 
 
+def test_the_frozen_prompt_arm_differs_from_its_open_gate_twin_in_the_small_models_rate_only(tmp_path):
+    base = LLMModulesConfig.from_yaml("configs/default.yaml")
+    twin, arm = (arm_config(base, SUITES["facts"], ARMS[n], tmp_path).to_dict()
+                 for n in ("prompt-smollm-sentence-lrgate-1.5b", "prompt-smollm-sentence-frozen-1.5b"))
+    assert (arm["train"].pop("lr_small"), twin["train"].pop("lr_small")) == (0.0, 5.0e-5)
+    assert arm == twin and arm["train"]["lr_head"] is None  # the head (tied to the embedding) freezes with SmolLM2
+
+
 def test_follow_up_arms_run_when_named_or_with_all(tmp_path, monkeypatch):
     from llm_modules import experiment
 

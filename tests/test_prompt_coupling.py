@@ -166,6 +166,25 @@ def test_lr_gate_gives_the_tanh_gates_a_group_of_their_own():
     assert torch.allclose(moved, torch.full_like(moved, 1e-3), rtol=1e-3)
 
 
+def test_lr_small_zero_freezes_the_small_model_and_its_head_so_only_the_memory_attention_trains():
+    # Flamingo's case: the pretrained small model frozen, the loss can fall only through what it reads.
+    model = LLMModules.from_config(cfg("llama")).train()
+    open_gates(model, 0.3)  # open, so the memory attention's own weights get a gradient too
+    before = {n: p.detach().clone() for n, p in model.trainable_named_parameters()}
+    groups = model.param_groups(1e-3, 0.0, 0.01, lr_gate=1e-2)
+    assert [g["name"] for g in groups] == ["bridge", "gate", "small"] and groups[2]["params"] == []
+    opt = torch.optim.AdamW([g for g in groups if g["params"]])
+    ids = torch.randint(0, 300, (2, 9))
+    model(ids, memory_ids=torch.randint(0, 96, (2, 5)), labels=ids).loss.backward()
+    opt.step()
+    changed = {n.split(".", 1)[0] for n, p in model.trainable_named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"bridge"}
+    assert all(p.grad is None for p in model.small.parameters()) and model.lm_head.weight.grad is None
+    trained = model.trained_named_parameters(lr_small=0.0)
+    assert {n.split(".", 1)[0] for n, _ in trained} == {"bridge"}
+    assert len(trained) == len([n for n, _ in model.trainable_named_parameters() if n.startswith("bridge.")])
+
+
 def test_lr_gate_is_refused_where_there_are_no_gates():
     from llm_modules.errors import UserError
 
