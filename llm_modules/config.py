@@ -160,6 +160,10 @@ class TrainConfig:
     grad_accum: int = 1
     lr_bridge: float = 1e-4
     lr_small: float = 5e-5  # 0 = the small model frozen where it starts (its head too unless lr_head is set)
+    # Two stages, as LLaVA trains its projector before the language model: the small model (and the head that trains
+    # with it) stays where it starts until this step, the bridge training alone, then trains with its own warm-up and
+    # schedule over the remaining steps. 0 = one stage. One process only (DDP fixes what trains when it wraps).
+    small_from_step: int = 0
     # The new LM head's learning rate: None = lr_small (the paper: one group with the small model); 0 = frozen where
     # it starts (no gradient, no optimizer state; still saved), e.g. at the warm start's read-out of the large model.
     lr_head: Optional[float] = None
@@ -220,7 +224,8 @@ class TrainConfig:
             out.append(f"{where}.lr_head: {self.lr_head} must be >= 0 (or null: lr_small)")
         if self.lr_gate is not None and self.lr_gate < 0:
             out.append(f"{where}.lr_gate: {self.lr_gate} must be >= 0 (or null: lr_bridge)")
-        for name in ("lr_bridge", "lr_small", "weight_decay", "max_grad_norm", "warmup_steps", "skip_nonfinite"):
+        for name in ("lr_bridge", "lr_small", "weight_decay", "max_grad_norm", "warmup_steps", "skip_nonfinite",
+                     "small_from_step"):
             if getattr(self, name) < 0:
                 out.append(f"{where}.{name}: {getattr(self, name)} must be >= 0")
         return out

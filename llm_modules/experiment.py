@@ -127,6 +127,10 @@ ARMS = {a.name: a for a in (
         note="the open-gate 1.5B prompt arm with SmolLM2 and its head frozen (Flamingo's case): only the memory "
              "attention and its gates train, so the loss can fall only through what SmolLM2 reads (trained, "
              "SmolLM2 memorized the train subjects' answers itself and the gates closed)"),
+    Arm("prompt-smollm-sentence-2stage-1.5b", "train",
+        _merge(PROMPT_OPEN, {"large": LARGE_1_5B, "train": {"max_steps": 240, "small_from_step": 120}}),
+        followup=True, note="the frozen arm's 120 steps, then 120 more in which SmolLM2 trains too, on a schedule of "
+                            "its own (LLaVA's two stages): the memory attention trained first, where the gates open"),
     Arm("smollm-ft", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5}}, method="full", base="small",
         note="SmolLM2-135M-Instruct fine-tuned alone"),
     Arm("smollm-ft-sentence", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5},

@@ -76,7 +76,6 @@ class Run:
 # ---- setup ----------------------------------------------------------------------------------------------------
 def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optional[LLMModules] = None) -> Run:
     from accelerate import Accelerator
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     t = cfg.train
     if t.distill_weight > 0 and (t.feature_cache != "auto" or COUPLINGS[cfg.coupling].memory):
@@ -87,6 +86,9 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     out = Path(t.output_dir)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
                               log_with="tensorboard" if t.tensorboard else None, project_dir=str(out))
+    if t.small_from_step and accelerator.num_processes > 1:
+        raise UserError(f"train.small_from_step: {t.small_from_step} needs one process: DDP and FSDP fix what trains "
+                        f"when they wrap the model, and this run has {accelerator.num_processes}; set it to 0")
     if not accelerator.is_main_process:
         log = lambda *a, **k: None  # noqa: E731  (one rank speaks)
     _check_writable(out)
@@ -111,9 +113,7 @@ def setup(cfg: LLMModulesConfig, *, resume: bool = True, log=print, model: Optio
     steps_per_epoch = max(1, len(batches) // t.grad_accum)
     max_steps = min(t.max_steps, steps_per_epoch * t.epochs) if t.max_steps is not None else steps_per_epoch * t.epochs
     optimizer = make_optimizer(model.param_groups(t.lr_bridge, t.lr_small, t.weight_decay, t.lr_head, t.lr_gate))
-    make = get_cosine_schedule_with_warmup if t.schedule == "cosine" else get_constant_schedule_with_warmup
-    kwargs = {"num_training_steps": max(1, max_steps)} if t.schedule == "cosine" else {}
-    scheduler = make(optimizer, num_warmup_steps=t.warmup_steps, **kwargs)
+    scheduler = make_scheduler(optimizer, t, max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     run = Run(cfg, out, accelerator, model, optimizer, scheduler, data, batches, features, max_steps=max_steps,
               log=log)
@@ -138,6 +138,35 @@ def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, fused=True)
     except (RuntimeError, TypeError):  # a device without a fused kernel
         return torch.optim.AdamW(groups)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, t, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' warm-up + cosine (or constant) schedule; with train.small_from_step, the small model's group
+    at 0 until that step, then on a warm-up and schedule of its own over the steps left (the second stage)."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    make = get_cosine_schedule_with_warmup if t.schedule == "cosine" else get_constant_schedule_with_warmup
+
+    def factor(steps: int):  # the schedule's learning-rate factor by step, over `steps` steps
+        kwargs = {"num_training_steps": max(1, steps)} if t.schedule == "cosine" else {}
+        return make(torch.optim.SGD([torch.zeros(1)], lr=1.0), num_warmup_steps=t.warmup_steps, **kwargs).lr_lambdas[0]
+
+    if not t.small_from_step:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor(max_steps))
+    start, second = t.small_from_step, factor(max_steps - t.small_from_step)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        (lambda step: second(step - start) if step >= start else 0.0) if g["name"] == "small" else factor(max_steps)
+        for g in optimizer.param_groups])
+
+
+def _small_trains(run: Run) -> None:
+    """train.small_from_step: the small model's group takes no gradient before that step (the bridge's gradient
+    norm is then its own, as when the small model is frozen) and from it on trains."""
+    trains = run.progress.step >= run.cfg.train.small_from_step
+    for g in run.optimizer.param_groups:
+        if g["name"] == "small":
+            for q in g["params"]:
+                q.requires_grad_(trains)
 
 
 def build_model_and_features(cfg, data, tokenizer, model, log):
@@ -280,6 +309,8 @@ def _steps(run: Run, stop_at: int, bar) -> None:
         window.append((global_batch, epoch))
         if len(window) < t.grad_accum:
             continue
+        if t.small_from_step:
+            _small_trains(run)
         loss, n_tok = train_step(run, [b for b, _ in window], pad)
         window = []
         p.epoch, p.batch_in_epoch = (epoch, index + 1)

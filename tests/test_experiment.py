@@ -152,12 +152,17 @@ def test_the_open_gate_prompt_arm_reading_the_1_5b_model_differs_from_its_twin_i
     assert arm == twin
 
 
-def test_the_frozen_prompt_arm_differs_from_its_open_gate_twin_in_the_small_models_rate_only(tmp_path):
+def test_the_frozen_and_two_stage_prompt_arms_differ_from_their_open_gate_twin_in_how_smollm2_trains_only(tmp_path):
     base = LLMModulesConfig.from_yaml("configs/default.yaml")
     twin, arm = (arm_config(base, SUITES["facts"], ARMS[n], tmp_path).to_dict()
                  for n in ("prompt-smollm-sentence-lrgate-1.5b", "prompt-smollm-sentence-frozen-1.5b"))
     assert (arm["train"].pop("lr_small"), twin["train"].pop("lr_small")) == (0.0, 5.0e-5)
     assert arm == twin and arm["train"]["lr_head"] is None  # the head (tied to the embedding) freezes with SmolLM2
+    two = arm_config(base, SUITES["facts"], ARMS["prompt-smollm-sentence-2stage-1.5b"], tmp_path).to_dict()
+    assert (two["train"].pop("small_from_step"), two["train"].pop("max_steps"), two["train"].pop("lr_small")) == (
+        120, 240, 5.0e-5)  # the frozen arm's 120 steps, then SmolLM2 at its rate for 120 more
+    assert (twin["train"].pop("small_from_step"), twin["train"].pop("max_steps")) == (0, 120)
+    assert two == twin
 
 
 def test_follow_up_arms_run_when_named_or_with_all(tmp_path, monkeypatch):

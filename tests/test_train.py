@@ -61,6 +61,41 @@ def test_a_frozen_head_stays_where_it_started_while_the_rest_trains(tmp_path):
                and "ln" not in k and "norm" not in k)
 
 
+def test_small_from_step_trains_the_bridge_alone_first_and_resumes_across_the_stage_change(tmp_path):
+    over = [("train.max_steps", 6), ("train.save_every", 1), ("train.keep_every", 1), ("train.warmup_steps", 2),
+            ("train.small_from_step", 3)]
+    whole = load_config(TINY, over, output_dir=str(tmp_path / "whole"))
+    train(whole, resume=False)
+    w = [_weights(tmp_path / "whole" / "checkpoints" / f"step-{k:08d}") for k in range(7)]
+    small = [k for k in w[0] if k.startswith(("small.", "lm_head.")) and "ln" not in k and "norm" not in k]
+    assert small and all(torch.equal(w[0][k], w[3][k]) for k in small)  # stage 1: the bridge alone
+    assert all(not torch.equal(w[3][k], w[6][k]) for k in small if k.endswith(".weight"))  # stage 2: both
+    assert all(not torch.equal(w[0][k], w[3][k]) for k in w[0] if k.startswith("bridge.") and k.endswith(".weight"))
+    split = load_config(TINY, over, output_dir=str(tmp_path / "split"))
+    train(split, resume=False, stop_at=2)
+    train(split, resume=True)  # resumed inside stage 1, through the change
+    end = _weights(tmp_path / "split" / "checkpoints" / "step-00000006")
+    assert all(torch.equal(w[6][k], end[k]) for k in end)
+
+
+def test_small_from_step_gives_the_small_model_a_schedule_of_its_own_from_that_step():
+    from llm_modules.config import TrainConfig
+    from llm_modules.train import make_scheduler
+
+    groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": 1.0, "name": n} for n in ("bridge", "small")]
+    opt = torch.optim.SGD(groups)
+    sched = make_scheduler(opt, TrainConfig(warmup_steps=2, small_from_step=4), max_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    bridge, small = zip(*lrs)
+    assert bridge[:3] == (0.0, 0.5, 1.0) and bridge[-1] < bridge[3]  # warm-up over 2 steps, cosine over 10
+    assert small[:4] == (0.0,) * 4 and small[4:7] == (0.0, 0.5, 1.0)  # the same, started at step 4, over 6
+    assert small[7] > bridge[7] and small[9] > bridge[9]
+
+
 def test_a_run_saved_without_its_final_optimizer_state_is_finished_not_continued(tmp_path, capsys):
     out = tmp_path / "run"
     assert _cli("--output-dir", out, "--max-steps", 3, "--save-every", 1, "--train.save_final_optimizer", "false") == 0
@@ -161,6 +196,7 @@ def test_bad_records_stop_with_file_and_line(tmp_path, capsys, case):
     (["--train.batch_size", "four"], "train.batch_size: expected int"),
     (["--bridge.gate", "maybe"], "bridge.gate: 'maybe' is not one of"),
     (["--train.lr_head", "-1"], "train.lr_head: -1.0 must be >= 0"),
+    (["--train.small_from_step", "-2"], "train.small_from_step: -2 must be >= 0"),
     (["--train.lr_gate", "0.01"], "train.lr_gate: only coupling 'prompt' has tanh gates"),
     (["--data.path", "/nonexistent/x.jsonl"], "/nonexistent/x.jsonl"),
     (["--train.output_dir", "/proc/forbidden"], "not writable"),
