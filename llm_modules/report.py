@@ -69,6 +69,13 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("combined-large-wide-own", "large-alone"), ("combined-large-wide-own", "combined-large-wide"),
          ("combined-large-wide-own", "combined-large-wide-kd"), ("combined-large-wide-own", "lora"))
 
+# What the method is for, item by item: of the facts the large model alone gets right and a small model fine-tuned
+# alone misses (knowledge the small model lacks), how many the arm reading that large model gets: (arm, large, small).
+CARRIED = tuple((arm, "large-alone-1.5b", "smollm-ft-sentence") for arm in (
+    "combined-large-wide-sentence-1.5b", "combined-large-wide-sentence-1.5b-seed1",
+    "combined-large-wide-sentence-1.5b-240steps", "prompt-smollm-sentence-lrgate-1.5b",
+    "prompt-smollm-sentence-frozen-1.5b", "prompt-smollm-sentence-2stage-1.5b"))
+
 
 def facts_relations(out: Path) -> list[str]:
     """Relations of the facts suite on which the large model alone is right more than FACTS_FLOOR of the time."""
@@ -134,6 +141,24 @@ def paired_table(out: Path, suite: str, task: str) -> str:
             a_only = sum(rows[0][i]["correct"] and not rows[1][i]["correct"] for i in ids)
             b_only = sum(rows[1][i]["correct"] and not rows[0][i]["correct"] for i in ids)
             lines.append(f"| {a} | {b} | {name} ({len(ids)}) | {a_only} | {b_only} | {sign_test(a_only, b_only):.4f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def carried_table(out: Path) -> str:
+    """CARRIED on the facts items: those only the large model knows (right with it, wrong with the small model
+    fine-tuned alone) and how many of them the arm gets right, on all questions and on the answers never seen in
+    training."""
+    lines = ["| arm | reading | items right with it and wrong with | of them right with the arm |", "|---|---|---|---|"]
+    for arm, large, small in CARRIED:
+        rows = [{r["id"]: r for r in _rows(out / "facts" / name / "eval" / "facts.jsonl")}
+                for name in (arm, large, small)]
+        if not all(rows):
+            continue
+        for name, keep in (("all", lambda r: True), ("never seen in training", lambda r: not r["answer_in_train"])):
+            ids = [i for i, r in rows[1].items() if keep(r) and r["correct"] and i in rows[2] and i in rows[0]
+                   and not rows[2][i]["correct"]]
+            carried = sum(rows[0][i]["correct"] for i in ids)
+            lines.append(f"| {arm} | {large} | {small}: {len(ids)} ({name}) | {carried} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -263,6 +288,8 @@ def write_report(results: dict, out: Path) -> str:
                          + _acc(restricted(out, suite, "large-alone", rels, "prior_correct")) + ".")
         parts.append(cost_line(results, suite))
         parts += paired_sections(results, out, suite)
+        if suite == "facts" and (table := carried_table(out)):
+            parts.append("Knowledge only the large model has, carried to the arm reading it:\n\n" + table)
         if any(r.get("curve") for r in results["suites"][suite].values()):
             parts.append("Learning curves:\n\n" + curve_table(results, suite))
             plot_curves(results, out, suite, out / f"curves-{suite}.png")

@@ -100,11 +100,12 @@ def test_unknown_arm_or_suite_is_a_clear_error(capsys):
 
 
 def test_every_paired_comparison_names_two_arms_and_the_sentence_arms_train_on_sentences():
-    """paired_table skips a pair whose answers are missing, so a misspelt arm in PAIRS would silently drop a row of
-    docs/results.md; and each -sentence arm must differ from its twin only in the answer form."""
-    from llm_modules.report import PAIRS
+    """paired_table (and carried_table) skip a pair whose answers are missing, so a misspelt arm in PAIRS (CARRIED)
+    would silently drop a row of docs/results.md; and each -sentence arm must differ from its twin only in the
+    answer form."""
+    from llm_modules.report import CARRIED, PAIRS
 
-    assert [p for p in PAIRS if not set(p) <= set(ARMS)] == []
+    assert [p for p in PAIRS + CARRIED if not set(p) <= set(ARMS)] == []
     for name in [n for n in ARMS if n.endswith("-sentence")]:
         twin = ARMS[name.removesuffix("-sentence")].over
         assert ARMS[name].over == {**twin, "data": {**twin.get("data", {}), "facts_answer": "sentence"}}, name
@@ -239,6 +240,24 @@ def test_paired_comparison_counts_discordant_items_and_gives_the_exact_sign_test
     assert table[3] == ("| combined-large-wide-kd | combined-large-wide | answers never seen in training (2) | 1 | 1 "
                         "| 1.0000 |")
     assert len(table) == 4  # pairs with an arm not evaluated are left out
+
+
+def test_carried_counts_what_only_the_large_model_knows_and_how_much_of_it_the_arm_gets(tmp_path):
+    from llm_modules.report import carried_table
+
+    flags = {"large-alone-1.5b": [True, True, True, False, True],
+             "smollm-ft-sentence": [False, False, True, False, True],
+             "prompt-smollm-sentence-frozen-1.5b": [True, False, False, True, True]}
+    for arm, correct in flags.items():
+        d = tmp_path / "facts" / arm / "eval"
+        d.mkdir(parents=True)
+        (d / "facts.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "correct": c, "answer_in_train": i == 1})
+                                               + "\n" for i, c in enumerate(correct)))
+    table = carried_table(tmp_path).splitlines()
+    assert table[2:] == [  # q0 and q1 only the large model gets; the arm gets q0, which was never seen in training
+        "| prompt-smollm-sentence-frozen-1.5b | large-alone-1.5b | smollm-ft-sentence: 2 (all) | 1 |",
+        "| prompt-smollm-sentence-frozen-1.5b | large-alone-1.5b | smollm-ft-sentence: 1 (never seen in training) "
+        "| 1 |"]
 
 
 def test_paired_comparisons_cover_every_task_of_the_suite_its_own_first(tmp_path):
