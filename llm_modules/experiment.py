@@ -57,6 +57,10 @@ WIDE = {"small": {"config": GPT_NEO_125M}, "bridge": {"num_heads": 8, "adapter_d
 PROMPT = {"coupling": "prompt", "small": SMOLLM, "bridge": {"every": 6}, "train": {"lr_small": 5.0e-5}}
 # Its gates free to open (their own learning rate), on whole-sentence facts answers.
 PROMPT_OPEN = _merge(PROMPT, {"train": {"lr_gate": 1.0e-2}, "data": {"facts_answer": "sentence"}})
+# The same reading the paper's large model size, whose memory holds more of the answers SmolLM2 lacks.
+PROMPT_OPEN_1_5B = _merge(PROMPT_OPEN, {"large": LARGE_1_5B})
+# The 768-wide warm start on whole-sentence facts answers, reading the 1.5B model.
+WIDE_SENTENCE_1_5B = _merge(WIDE, {"large": LARGE_1_5B, "data": {"facts_answer": "sentence"}})
 
 
 @dataclass(frozen=True)
@@ -119,16 +123,16 @@ ARMS = {a.name: a for a in (
     Arm("prompt-smollm-sentence-lrgate", "train", PROMPT_OPEN,
         followup=True, note="the prompt coupling on whole-sentence facts answers, its tanh gates at lr 1e-2 (with "
                             "the memory attention's 1e-3 they had stayed within tanh(alpha) = 0.019 over 120 steps)"),
-    Arm("prompt-smollm-sentence-lrgate-1.5b", "train", _merge(PROMPT_OPEN, {"large": LARGE_1_5B}),
+    Arm("prompt-smollm-sentence-lrgate-1.5b", "train", PROMPT_OPEN_1_5B,
         followup=True, note="the open-gate prompt arm reading the 1.5B model, whose memory holds more of the unseen "
                             "answers SmolLM2 lacks than the 0.5B model's (with it the gates closed again)"),
-    Arm("prompt-smollm-sentence-frozen-1.5b", "train",
-        _merge(PROMPT_OPEN, {"large": LARGE_1_5B, "train": {"lr_small": 0.0}}), followup=True,
+    Arm("prompt-smollm-sentence-frozen-1.5b", "train", _merge(PROMPT_OPEN_1_5B, {"train": {"lr_small": 0.0}}),
+        followup=True,
         note="the open-gate 1.5B prompt arm with SmolLM2 and its head frozen (Flamingo's case): only the memory "
              "attention and its gates train, so the loss can fall only through what SmolLM2 reads (trained, "
              "SmolLM2 memorized the train subjects' answers itself and the gates closed)"),
     Arm("prompt-smollm-sentence-2stage-1.5b", "train",
-        _merge(PROMPT_OPEN, {"large": LARGE_1_5B, "train": {"max_steps": 240, "small_from_step": 120}}),
+        _merge(PROMPT_OPEN_1_5B, {"train": {"max_steps": 240, "small_from_step": 120}}),
         followup=True, note="the frozen arm's 120 steps, then 120 more in which SmolLM2 trains too, on a schedule of "
                             "its own (LLaVA's two stages): the memory attention trained first, where the gates open"),
     Arm("smollm-ft", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5}}, method="full", base="small",
@@ -140,12 +144,11 @@ ARMS = {a.name: a for a in (
         note="LoRA on the large model, rank chosen for the combined model's trainable count"),
     Arm("lora-sentence", "finetune", {"train": {"lr_small": 2.0e-4}, "data": {"facts_answer": "sentence"}},
         method="lora", base="large", followup=True, note="LoRA on the large model on whole-sentence facts answers"),
-    Arm("combined-large-wide-sentence-1.5b", "train",
-        _merge(WIDE, {"large": LARGE_1_5B, "data": {"facts_answer": "sentence"}}),
+    Arm("combined-large-wide-sentence-1.5b", "train", WIDE_SENTENCE_1_5B,
         followup=True, note="the sentence arm reading the paper's large model size (Qwen2.5-Coder-1.5B-Instruct, "
                             "1536 wide; the 768-wide bridge keeps 766 of its 1536 directions); no curve, for time"),
     Arm("combined-large-wide-kd-sentence-1.5b", "train",
-        _merge(WIDE, {"large": LARGE_1_5B, "train": {"distill_weight": 0.5}, "data": {"facts_answer": "sentence"}}),
+        _merge(WIDE_SENTENCE_1_5B, {"train": {"distill_weight": 0.5}}),
         followup=True, note="the 1.5B sentence arm with KL w = 0.5 to the 1.5B model's distribution (with the 0.5B "
                             "model, the term kept more unseen answers); no curve, for time"),
     Arm("combined-large-wide-own", "train", WIDE, followup=True, own_solutions=True,
