@@ -241,7 +241,7 @@ def trainable_count(cfg: LLMModulesConfig) -> int:
     from .model import LLMModules
 
     model = LLMModules.from_config(cfg, load_large=False)
-    return sum(p.numel() for _, p in model.trained_named_parameters(cfg.train.lr_head, cfg.train.lr_small))
+    return model.trained_count(cfg.train)
 
 
 # ---- running one piece, resumably -------------------------------------------------------------------------------
@@ -349,9 +349,7 @@ def train_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], loa
     runs = [json.loads(ln) for ln in (out / SEGMENTS).read_text().splitlines() if ln.strip()]
     cost = {"wall_seconds": sum(r["wall_seconds"] for r in runs), "runs": len(runs),  # a resumed arm: all its runs
             "peak_memory_gib": max(r["peak_memory_gib"] for r in runs)}
-    trainable = (sum(p.numel() for _, p in load()[0].trained_named_parameters(cfg.train.lr_head,
-                                                                                  cfg.train.lr_small))
-                 if arm.kind == "train"
+    trainable = (load()[0].trained_count(cfg.train) if arm.kind == "train"
                  else json.loads((out / "best" / "finetune.json").read_text())["trainable_params"])
     steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     result = {**cost, "trainable_params": trainable, "steps": max(r["step"] for r in steps)}

@@ -127,6 +127,10 @@ class LLMModules(nn.Module):
         frozen |= {"small"} if lr_small == 0 else set()
         return [(n, p) for n, p in self.trainable_named_parameters() if n.split(".", 1)[0] not in frozen]
 
+    def trained_count(self, train) -> int:
+        """Parameters the training config `train` (TrainConfig) changes: trained_named_parameters at its rates."""
+        return sum(p.numel() for _, p in self.trained_named_parameters(train.lr_head, train.lr_small))
+
     def param_groups(self, lr_bridge: float, lr_small: float, weight_decay: float,
                      lr_head: Optional[float] = None, lr_gate: Optional[float] = None) -> list[dict]:
         """AdamW groups as in the paper: the bridge at lr_bridge, the small model and its new head at lr_small; with

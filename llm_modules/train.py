@@ -151,11 +151,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, t, max_steps: int) -> torch
         kwargs = {"num_training_steps": max(1, steps)} if t.schedule == "cosine" else {}
         return make(torch.optim.SGD([torch.zeros(1)], lr=1.0), num_warmup_steps=t.warmup_steps, **kwargs).lr_lambdas[0]
 
+    whole = factor(max_steps)
     if not t.small_from_step:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor(max_steps))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, whole)
     start, second = t.small_from_step, factor(max_steps - t.small_from_step)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [
-        (lambda step: second(step - start) if step >= start else 0.0) if g["name"] == "small" else factor(max_steps)
+        (lambda step: second(step - start) if step >= start else 0.0) if g["name"] == "small" else whole
         for g in optimizer.param_groups])
 
 
@@ -566,7 +567,7 @@ def train(cfg: LLMModulesConfig, *, resume: bool = True, log=print, stop_at: Opt
     """Set up, fit and return the final progress; the trained weights are in `<output_dir>/checkpoints`."""
     run = setup(cfg, resume=resume, log=log)
     log = run.log  # silent on ranks other than the main one
-    trained = sum(p.numel() for _, p in run.unwrapped.trained_named_parameters(cfg.train.lr_head, cfg.train.lr_small))
+    trained = run.unwrapped.trained_count(cfg.train)
     log(f"training {trained:,} parameters for "
         f"{run.max_steps} steps ({len(run.data.train)} train / {len(run.data.val)} val examples) -> {run.out}")
     progress = fit(run, stop_at=stop_at)
