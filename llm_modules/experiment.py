@@ -135,6 +135,10 @@ ARMS = {a.name: a for a in (
         _merge(PROMPT_OPEN_1_5B, {"train": {"max_steps": 240, "small_from_step": 120}}),
         followup=True, note="the frozen arm's 120 steps, then 120 more in which SmolLM2 trains too, on a schedule of "
                             "its own (LLaVA's two stages): the memory attention trained first, where the gates open"),
+    Arm("prompt-smollm-sentence-2stage-every3-1.5b", "train",
+        _merge(PROMPT_OPEN_1_5B, {"bridge": {"every": 3}, "train": {"max_steps": 240, "small_from_step": 120}}),
+        followup=True, note="the two-stage arm with memory attention after every 3rd of SmolLM2's 30 blocks (10 "
+                            "layers, not 5): more places to read the memory, the rest unchanged"),
     Arm("smollm-ft", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5}}, method="full", base="small",
         note="SmolLM2-135M-Instruct fine-tuned alone"),
     Arm("smollm-ft-sentence", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5},
