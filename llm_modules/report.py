@@ -60,6 +60,9 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("prompt-smollm-sentence-2stage-1.5b-seed1", "smollm-ft-sentence-seed1"),
          ("prompt-smollm-sentence-2stage-1.5b-seed1", "smollm-ft-sentence"),
          ("prompt-smollm-sentence-2stage-1.5b-seed1", "prompt-smollm-sentence-2stage-1.5b"),
+         ("prompt-smollm-sentence-2stage-every3-1.5b", "smollm-ft-sentence"),
+         ("prompt-smollm-sentence-2stage-every3-1.5b", "smollm-ft-sentence-240steps"),
+         ("prompt-smollm-sentence-2stage-every3-1.5b", "prompt-smollm-sentence-2stage-1.5b"),
          ("combined-large-wide-sentence-1.5b-seed1", "smollm-ft-sentence-seed1"),
          ("combined-large-wide-sentence-1.5b-seed1", "smollm-ft-sentence"),
          ("combined-large-wide-sentence-1.5b-seed1", "combined-large-wide-sentence-1.5b"),
@@ -78,7 +81,7 @@ CARRIED = tuple((arm, "large-alone-1.5b", "smollm-ft-sentence") for arm in (
     "combined-large-wide-sentence-1.5b", "combined-large-wide-sentence-1.5b-seed1",
     "combined-large-wide-sentence-1.5b-240steps", "prompt-smollm-sentence-lrgate-1.5b",
     "prompt-smollm-sentence-frozen-1.5b", "prompt-smollm-sentence-2stage-1.5b",
-    "prompt-smollm-sentence-2stage-1.5b-seed1"))
+    "prompt-smollm-sentence-2stage-1.5b-seed1", "prompt-smollm-sentence-2stage-every3-1.5b"))
 
 
 def facts_relations(out: Path) -> list[str]:
@@ -128,6 +131,14 @@ def sign_test(a_only: int, b_only: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
 
 
+def subsets(task: str) -> list:
+    """The item subsets the paired tables count: all, and for facts the answers never seen in training."""
+    out = [("all", lambda r: True)]
+    if task == "facts":
+        out.append(("answers never seen in training", lambda r: not r["answer_in_train"]))
+    return out
+
+
 def paired_table(out: Path, suite: str, task: str) -> str:
     """PAIRS compared on the same items of `task`: items only the first arm gets right, only the second, and the
     sign test's p (for facts, also on the answers never seen in training)."""
@@ -137,10 +148,7 @@ def paired_table(out: Path, suite: str, task: str) -> str:
         rows = [{r["id"]: r for r in _rows(out / suite / arm / "eval" / f"{task}.jsonl")} for arm in (a, b)]
         if not rows[0] or not rows[1]:
             continue
-        subsets = [("all", lambda r: True)]
-        if task == "facts":
-            subsets.append(("answers never seen in training", lambda r: not r["answer_in_train"]))
-        for name, keep in subsets:
+        for name, keep in subsets(task):
             ids = [i for i, r in rows[0].items() if keep(r) and i in rows[1]]
             a_only = sum(rows[0][i]["correct"] and not rows[1][i]["correct"] for i in ids)
             b_only = sum(rows[1][i]["correct"] and not rows[0][i]["correct"] for i in ids)
@@ -158,7 +166,7 @@ def carried_table(out: Path) -> str:
                 for name in (arm, large, small)]
         if not all(rows):
             continue
-        for name, keep in (("all", lambda r: True), ("never seen in training", lambda r: not r["answer_in_train"])):
+        for name, keep in subsets("facts"):
             ids = [i for i, r in rows[1].items() if keep(r) and r["correct"] and i in rows[2] and i in rows[0]
                    and not rows[2][i]["correct"]]
             carried = sum(rows[0][i]["correct"] for i in ids)

@@ -256,8 +256,8 @@ def test_carried_counts_what_only_the_large_model_knows_and_how_much_of_it_the_a
     table = carried_table(tmp_path).splitlines()
     assert table[2:] == [  # q0 and q1 only the large model gets; the arm gets q0, which was never seen in training
         "| prompt-smollm-sentence-frozen-1.5b | large-alone-1.5b | smollm-ft-sentence: 2 (all) | 1 |",
-        "| prompt-smollm-sentence-frozen-1.5b | large-alone-1.5b | smollm-ft-sentence: 1 (never seen in training) "
-        "| 1 |"]
+        "| prompt-smollm-sentence-frozen-1.5b | large-alone-1.5b | smollm-ft-sentence: 1 "
+        "(answers never seen in training) | 1 |"]
 
 
 def test_paired_comparisons_cover_every_task_of_the_suite_its_own_first(tmp_path):
