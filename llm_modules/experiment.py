@@ -139,6 +139,11 @@ ARMS = {a.name: a for a in (
         _merge(PROMPT_OPEN_1_5B, {"bridge": {"every": 3}, "train": {"max_steps": 240, "small_from_step": 120}}),
         followup=True, note="the two-stage arm with memory attention after every 3rd of SmolLM2's 30 blocks (10 "
                             "layers, not 5): more places to read the memory, the rest unchanged"),
+    Arm("prompt-smollm-sentence-2stage240-1.5b", "train",
+        _merge(PROMPT_OPEN_1_5B, {"train": {"max_steps": 360, "small_from_step": 240}}),
+        followup=True, note="the two-stage arm with a first stage twice as long (240 steps of the memory attention "
+                            "alone, then the same 120 with SmolLM2): the memory trained further before SmolLM2 can "
+                            "learn the answers itself"),
     Arm("smollm-ft", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5}}, method="full", base="small",
         note="SmolLM2-135M-Instruct fine-tuned alone"),
     Arm("smollm-ft-sentence", "finetune", {"small": SMOLLM, "train": {"lr_small": 5.0e-5},
