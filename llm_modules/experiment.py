@@ -139,6 +139,10 @@ ARMS = {a.name: a for a in (
         _merge(PROMPT_OPEN_1_5B, {"bridge": {"every": 3}, "train": {"max_steps": 240, "small_from_step": 120}}),
         followup=True, note="the two-stage arm with memory attention after every 3rd of SmolLM2's 30 blocks (10 "
                             "layers, not 5): more places to read the memory, the rest unchanged"),
+    Arm("prompt-smollm-sentence-2stage-every2-1.5b", "train",
+        _merge(PROMPT_OPEN_1_5B, {"bridge": {"every": 2}, "train": {"max_steps": 240, "small_from_step": 120}}),
+        followup=True, note="the two-stage arm with memory attention after every 2nd of SmolLM2's 30 blocks (15 "
+                            "layers): whether the every-3 arm's gain grows with more layers"),
     Arm("prompt-smollm-sentence-2stage240-1.5b", "train",
         _merge(PROMPT_OPEN_1_5B, {"train": {"max_steps": 360, "small_from_step": 240}}),
         followup=True, note="the two-stage arm with a first stage twice as long (240 steps of the memory attention "
