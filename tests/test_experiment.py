@@ -135,6 +135,20 @@ def test_a_longer_arm_differs_from_its_twin_only_in_its_steps(tmp_path):
         assert arm == twin, name
 
 
+def test_the_two_stage_prompt_variants_differ_from_the_two_stage_arm_only_in_their_lever(tmp_path):
+    """Each variant of the two-stage prompt arm changes one thing: how many memory layers, or how long the first
+    stage is."""
+    base = LLMModulesConfig.from_yaml("configs/default.yaml")
+    twin = arm_config(base, SUITES["facts"], ARMS["prompt-smollm-sentence-2stage-1.5b"], tmp_path).to_dict()
+    assert (twin["bridge"]["every"], twin["train"]["max_steps"], twin["train"]["small_from_step"]) == (6, 240, 120)
+    levers = {"prompt-smollm-sentence-2stage-every3-1.5b": {"bridge": {"every": 3}},
+              "prompt-smollm-sentence-2stage-every2-1.5b": {"bridge": {"every": 2}},
+              "prompt-smollm-sentence-2stage240-1.5b": {"train": {"max_steps": 360, "small_from_step": 240}}}
+    for name, lever in levers.items():
+        arm = arm_config(base, SUITES["facts"], ARMS[name], tmp_path).to_dict()
+        assert arm == {k: {**v, **lever.get(k, {})} if isinstance(v, dict) else v for k, v in twin.items()}, name
+
+
 def test_the_open_gate_prompt_arm_differs_from_the_prompt_arm_in_its_gates_and_answer_form_only(tmp_path):
     base = LLMModulesConfig.from_yaml("configs/default.yaml")
     twin, arm = (arm_config(base, SUITES["facts"], ARMS[n], tmp_path).to_dict()
