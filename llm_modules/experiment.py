@@ -59,6 +59,8 @@ PROMPT = {"coupling": "prompt", "small": SMOLLM, "bridge": {"every": 6}, "train"
 PROMPT_OPEN = _merge(PROMPT, {"train": {"lr_gate": 1.0e-2}, "data": {"facts_answer": "sentence"}})
 # The same reading the paper's large model size, whose memory holds more of the answers SmolLM2 lacks.
 PROMPT_OPEN_1_5B = _merge(PROMPT_OPEN, {"large": LARGE_1_5B})
+# Its two stages (LLaVA's): the memory attention alone for 120 steps, then 120 more with SmolLM2.
+TWO_STAGE_1_5B = _merge(PROMPT_OPEN_1_5B, {"train": {"max_steps": 240, "small_from_step": 120}})
 # The 768-wide warm start on whole-sentence facts answers, reading the 1.5B model.
 WIDE_SENTENCE_1_5B = _merge(WIDE, {"large": LARGE_1_5B, "data": {"facts_answer": "sentence"}})
 
@@ -131,20 +133,17 @@ ARMS = {a.name: a for a in (
         note="the open-gate 1.5B prompt arm with SmolLM2 and its head frozen (Flamingo's case): only the memory "
              "attention and its gates train, so the loss can fall only through what SmolLM2 reads (trained, "
              "SmolLM2 memorized the train subjects' answers itself and the gates closed)"),
-    Arm("prompt-smollm-sentence-2stage-1.5b", "train",
-        _merge(PROMPT_OPEN_1_5B, {"train": {"max_steps": 240, "small_from_step": 120}}),
+    Arm("prompt-smollm-sentence-2stage-1.5b", "train", TWO_STAGE_1_5B,
         followup=True, note="the frozen arm's 120 steps, then 120 more in which SmolLM2 trains too, on a schedule of "
                             "its own (LLaVA's two stages): the memory attention trained first, where the gates open"),
-    Arm("prompt-smollm-sentence-2stage-every3-1.5b", "train",
-        _merge(PROMPT_OPEN_1_5B, {"bridge": {"every": 3}, "train": {"max_steps": 240, "small_from_step": 120}}),
+    Arm("prompt-smollm-sentence-2stage-every3-1.5b", "train", _merge(TWO_STAGE_1_5B, {"bridge": {"every": 3}}),
         followup=True, note="the two-stage arm with memory attention after every 3rd of SmolLM2's 30 blocks (10 "
                             "layers, not 5): more places to read the memory, the rest unchanged"),
-    Arm("prompt-smollm-sentence-2stage-every2-1.5b", "train",
-        _merge(PROMPT_OPEN_1_5B, {"bridge": {"every": 2}, "train": {"max_steps": 240, "small_from_step": 120}}),
+    Arm("prompt-smollm-sentence-2stage-every2-1.5b", "train", _merge(TWO_STAGE_1_5B, {"bridge": {"every": 2}}),
         followup=True, note="the two-stage arm with memory attention after every 2nd of SmolLM2's 30 blocks (15 "
                             "layers): whether the every-3 arm's gain grows with more layers"),
     Arm("prompt-smollm-sentence-2stage240-1.5b", "train",
-        _merge(PROMPT_OPEN_1_5B, {"train": {"max_steps": 360, "small_from_step": 240}}),
+        _merge(TWO_STAGE_1_5B, {"train": {"max_steps": 360, "small_from_step": 240}}),
         followup=True, note="the two-stage arm with a first stage twice as long (240 steps of the memory attention "
                             "alone, then the same 120 with SmolLM2): the memory trained further before SmolLM2 can "
                             "learn the answers itself"),
