@@ -69,6 +69,9 @@ PAIRS = (("combined-large", "large-alone"), ("combined-large", "small-alone"), (
          ("prompt-smollm-sentence-2stage-every2-1.5b", "smollm-ft-sentence"),
          ("prompt-smollm-sentence-2stage-every2-1.5b", "smollm-ft-sentence-240steps"),
          ("prompt-smollm-sentence-2stage-every2-1.5b", "prompt-smollm-sentence-2stage-every3-1.5b"),
+         ("prompt-smollm-sentence-2stage-every3-1.5b-seed1", "smollm-ft-sentence-seed1"),
+         ("prompt-smollm-sentence-2stage-every3-1.5b-seed1", "smollm-ft-sentence"),
+         ("prompt-smollm-sentence-2stage-every3-1.5b-seed1", "prompt-smollm-sentence-2stage-every3-1.5b"),
          ("combined-large-wide-sentence-1.5b-seed1", "smollm-ft-sentence-seed1"),
          ("combined-large-wide-sentence-1.5b-seed1", "smollm-ft-sentence"),
          ("combined-large-wide-sentence-1.5b-seed1", "combined-large-wide-sentence-1.5b"),
@@ -88,7 +91,8 @@ CARRIED = tuple((arm, "large-alone-1.5b", "smollm-ft-sentence") for arm in (
     "combined-large-wide-sentence-1.5b-240steps", "prompt-smollm-sentence-lrgate-1.5b",
     "prompt-smollm-sentence-frozen-1.5b", "prompt-smollm-sentence-2stage-1.5b",
     "prompt-smollm-sentence-2stage-1.5b-seed1", "prompt-smollm-sentence-2stage-every3-1.5b",
-    "prompt-smollm-sentence-2stage240-1.5b", "prompt-smollm-sentence-2stage-every2-1.5b"))
+    "prompt-smollm-sentence-2stage240-1.5b", "prompt-smollm-sentence-2stage-every2-1.5b",
+    "prompt-smollm-sentence-2stage-every3-1.5b-seed1"))
 
 
 def facts_relations(out: Path) -> list[str]:
