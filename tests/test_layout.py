@@ -1,5 +1,6 @@
-"""The package reads top to bottom: the README's layout lists every module, and no module imports (even lazily, inside
-a function) one listed below it, so there is no import cycle and nothing in the library imports the CLI."""
+"""The package reads top to bottom: the layout in docs/architecture.md lists every module, and no module imports (even
+lazily, inside a function) one listed below it, so there is no import cycle and nothing in the library imports the
+CLI."""
 import ast
 import re
 from pathlib import Path
@@ -20,8 +21,8 @@ def package_imports(path: Path) -> set[str]:
 
 
 def layout_order() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Layout"):]
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    section = doc[doc.index("## Layout"):]
     section = section[: section.index("\n## ")] if "\n## " in section else section
     order = []
     for name in re.findall(r"\b([a-z_]+)\.py\b", section):
@@ -30,10 +31,10 @@ def layout_order() -> list[str]:
     return order
 
 
-def test_readme_layout_lists_every_module_and_no_import_runs_back_up():
+def test_layout_lists_every_module_and_no_import_runs_back_up():
     modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     order = layout_order()
-    assert set(order) == modules, f"README layout misses {sorted(modules - set(order))}"
+    assert set(order) == modules, f"docs/architecture.md layout misses {sorted(modules - set(order))}"
     rank = {m: i for i, m in enumerate(order)}
     upward = [f"{m} imports {d}" for m in order for d in sorted(package_imports(PACKAGE / f"{m}.py"))
               if d in rank and rank[d] > rank[m]]
