@@ -367,7 +367,7 @@ def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = Fals
         raise UserError(f"--limit {limit}: give a positive number of items per task")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give a positive integer")
-    root = find_data_dir(data_dir)
+    root = find_data_dir(data_dir, names)
     loaded = loaded or load_for_eval(checkpoint, large_only)
     generator = generator_for(loaded[0].eval(), loaded[1], loaded[2], large_only)
     rows: list[dict] = []
