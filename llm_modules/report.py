@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from .files import atomic_write, atomic_write_text
-from .tasks import proportion
+from .tasks import proportion, proportion_text
 
 FACTS_FLOOR = 0.10  # facts: relations where the large model alone scores above this are the headline
 # The two-stage prompt arm and its variants (llm_modules.experiment), each compared with SmolLM2 fine-tuned (for 120
@@ -176,6 +176,140 @@ def carried_table(out: Path) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+# ---- the summary table's statistics (issue 48): paired over seeds, Holm over the table ---------------------------
+# The baselines and what each is compared with on the same facts questions. An arm's seeds are rows of that arm:
+# ARM is seed 0, ARM-seedN seed N (experiment._seeded); an untrained arm (the large model alone, few-shot or not)
+# answers alike every time, so its one run is paired with each seed of the other arm.
+SUMMARY = (("lora-sentence-1.5b", "large-alone-1.5b"), ("lora-sentence-1.5b", "smollm-ft-sentence"),
+           ("large-alone-1.5b-5shot", "large-alone-1.5b"), ("large-alone-1.5b-5shot", "smollm-ft-sentence"),
+           ("smollm-ft-sentence-hint-1.5b", "smollm-ft-sentence"),
+           ("smollm-ft-sentence-hint-1.5b", "large-alone-1.5b"))
+# The union ceiling: right with the small model fine-tuned alone or with the large model alone, item by item.
+UNION = ("smollm-ft-sentence", "large-alone-1.5b")
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest p times (m - i + 1), made
+    non-decreasing along that order and capped at 1 (family-wise error over the m tests; no assumption about how
+    the tests depend on one another)."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adjusted, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def paired_difference(a_only: int, b_only: int, both: int, neither: int, z: float = 1.96) -> tuple[float, list]:
+    """(accuracy of A - accuracy of B, its 95% interval) from paired verdicts: Newcombe's square-and-add interval
+    for paired proportions (Newcombe 1998, method 10; Fagerland, Lydersen & Laake 2013, ch. 8): the Wilson intervals
+    of the two accuracies combined with the estimated correlation of the pairs (phi, corrected towards 0 by n/2 as
+    Newcombe does). It keeps its coverage near 95% with few discordant pairs, where the Wald interval does not.
+    Checked against the book's example (Cavo et al. 2012: -0.0621 [-0.1186, -0.0046])."""
+    from .tasks import wilson
+
+    n = a_only + b_only + both + neither
+    if n == 0:
+        return 0.0, [-1.0, 1.0]
+    x1, x2 = both + a_only, both + b_only
+    p1, p2 = x1 / n, x2 / n
+    (l1, u1), (l2, u2) = wilson(x1, n, z), wilson(x2, n, z)
+    spread = x1 * (n - x1) * x2 * (n - x2)
+    cross = both * neither - a_only * b_only
+    phi = (0.0 if spread == 0 or 0 <= cross <= n / 2
+           else (cross - n / 2 if cross > n / 2 else cross) / math.sqrt(spread))
+    d = p1 - p2
+    lo = d - math.sqrt(max(0.0, (p1 - l1) ** 2 + (u2 - p2) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2)))
+    hi = d + math.sqrt(max(0.0, (p2 - l2) ** 2 + (u1 - p1) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1)))
+    return d, [max(-1.0, lo), min(1.0, hi)]
+
+
+def seed_runs(out: Path, suite: str, arm: str, task: str) -> dict[int, str]:
+    """{seed: arm name} of the runs of `arm` whose `task` answers exist: the arm itself (seed 0), ARM-seedN."""
+    found = {0: arm} if (out / suite / arm / "eval" / f"{task}.jsonl").is_file() else {}
+    for path in (out / suite).glob(f"{arm}-seed*/eval/{task}.jsonl"):
+        tail = path.parent.parent.name.removeprefix(f"{arm}-seed")
+        if tail.isdigit():
+            found[int(tail)] = f"{arm}-seed{tail}"
+    return dict(sorted(found.items()))
+
+
+def _untrained(arm: str) -> bool:
+    from .experiment import ARMS
+
+    return arm in ARMS and ARMS[arm].kind == "large"
+
+
+def pooled_pairs(out: Path, suite: str, task: str, a: str, b: str, keep=lambda r: True) -> dict:
+    """The verdicts of A and B on the same items (`keep`: a subset), seed s of A with seed s of B, pooled over the
+    seeds both have: {"seeds", "n", "both", "a_only", "b_only", "neither", "a_correct", "b_correct"}. An untrained
+    arm's single run is paired with every seed of the other."""
+    runs = [seed_runs(out, suite, arm, task) for arm in (a, b)]
+    for i, arm in enumerate((a, b)):
+        if list(runs[i]) == [0] and _untrained(arm):
+            runs[i] = {s: runs[i][0] for s in runs[1 - i]} or runs[i]
+    seeds = sorted(set(runs[0]) & set(runs[1]))
+    c = {"seeds": seeds, "n": 0, "both": 0, "a_only": 0, "b_only": 0, "neither": 0}
+    for s in seeds:
+        ra, rb = ({r["id"]: r for r in _rows(out / suite / runs[k][s] / "eval" / f"{task}.jsonl")} for k in (0, 1))
+        for i in (i for i, r in ra.items() if keep(r) and i in rb):
+            x, y = bool(ra[i]["correct"]), bool(rb[i]["correct"])
+            c["n"] += 1
+            c["both" if x and y else "a_only" if x else "b_only" if y else "neither"] += 1
+    c["a_correct"], c["b_correct"] = c["both"] + c["a_only"], c["both"] + c["b_only"]
+    return c
+
+
+def summary_stats(out: Path, suite: str, task: str, comparisons=SUMMARY) -> list[dict]:
+    """One row per (comparison, subset) with both arms evaluated: the pooled pairs (pooled_pairs), the difference
+    in points with its 95% interval (paired_difference), the exact sign test's p on the discordant pairs
+    (sign_test) and Holm's adjusted p over every row of the table (holm). Pooling treats the seeds' pairs as
+    independent draws: it measures A against B on these questions over these training seeds."""
+    rows = []
+    for a, b in comparisons:
+        for name, keep in subsets(task):
+            c = pooled_pairs(out, suite, task, a, b, keep)
+            if not c["seeds"] or not c["n"]:
+                continue
+            d, ci = paired_difference(c["a_only"], c["b_only"], c["both"], c["neither"])
+            rows.append({"arm": a, "compared_with": b, "subset": name, **c, "difference": d, "ci95": ci,
+                         "p": sign_test(c["a_only"], c["b_only"])})
+    for r, p in zip(rows, holm([r["p"] for r in rows])):
+        r["p_holm"] = p
+    return rows
+
+
+def summary_table(out: Path, suite: str, task: str = "facts", comparisons=SUMMARY) -> str:
+    """summary_stats as markdown."""
+    rows = summary_stats(out, suite, task, comparisons)
+    if not rows:
+        return ""
+    lines = ["| arm | compared with | items | seeds | arm right | other right | difference, points [95% CI] | "
+             "right only in the arm | right only in the other | p (sign test) | p (Holm) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['compared_with']} | {r['subset']} ({r['n']}) | "
+                     f"{', '.join(map(str, r['seeds']))} | {r['a_correct'] / r['n']:.3f} | "
+                     f"{r['b_correct'] / r['n']:.3f} | {100 * r['difference']:+.1f} [{100 * r['ci95'][0]:+.1f}, "
+                     f"{100 * r['ci95'][1]:+.1f}] | {r['a_only']} | {r['b_only']} | {r['p']:.4f} | "
+                     f"{r['p_holm']:.4f} |")
+    return "\n".join(lines)
+
+
+def union_line(out: Path, suite: str, task: str = "facts", pair=UNION) -> str:
+    """The union ceiling: the share of items right with either arm of `pair` (seed 0 of each), all and by subset:
+    what a model that had both would answer."""
+    rows = [{r["id"]: r for r in _rows(out / suite / arm / "eval" / f"{task}.jsonl")} for arm in pair]
+    if not all(rows):
+        return ""
+    parts = []
+    for name, keep in subsets(task):
+        ids = [i for i, r in rows[0].items() if keep(r) and i in rows[1]]
+        either = proportion([rows[0][i]["correct"] or rows[1][i]["correct"] for i in ids])
+        parts.append(f"{name}: {proportion_text(either)}")
+    return f"The union ceiling (right with {pair[0]} or with {pair[1]}, item by item): " + "; ".join(parts) + "."
+
+
 def cost_line(results: dict, suite: str) -> str:
     """The suite's measured time, summed over its arms and over every sitting each ran in."""
     arms = results["suites"][suite].values()
@@ -200,7 +334,7 @@ def suite_table(results: dict, out: Path, suite: str) -> str:
     arms = ordered(results, suite)
     head = headline(results, out, suite)
     tasks = evaluated_tasks(results, suite)
-    cols = ["arm", "trainable params", "train min", "peak GiB", *(
+    cols = ["arm", "trainable params", "train min", "eval min", "peak GiB", *(
         ["facts, known relations", "facts, all relations", "facts, answers never seen in training"]
         if suite == "facts" else tasks),
         "decode tok/s b=1", "b=16"]
@@ -210,8 +344,9 @@ def suite_table(results: dict, out: Path, suite: str) -> str:
                 if suite == "facts"
                 else [_acc(r["eval"][t]) if t in r["eval"] else "-" for t in tasks])
         train_min = f"{r['wall_seconds'] / 60:.1f}" if "wall_seconds" in r else "-"
+        eval_min = f"{sum(s.get('seconds', 0) for s in r['eval'].values()) / 60:.1f}"  # test evaluations
         mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
-        lines.append(f"| {name} | {r['trainable_params']:,} | {train_min} | {mem} | " + " | ".join(accs)
+        lines.append(f"| {name} | {r['trainable_params']:,} | {train_min} | {eval_min} | {mem} | " + " | ".join(accs)
                      + f" | {r['speed']['batch_1']:.1f} | {r['speed']['batch_16']:.1f} |")
     if suite == "facts":
         prior = next(iter(arms.values()))["eval"]["facts"]["prior_baseline"]
@@ -304,6 +439,13 @@ def write_report(results: dict, out: Path) -> str:
         parts += paired_sections(results, out, suite)
         if suite == "facts" and (table := carried_table(out)):
             parts.append("Knowledge only the large model has, carried to the arm reading it:\n\n" + table)
+        if "facts" in evaluated_tasks(results, suite):
+            if table := summary_table(out, suite):
+                parts.append("The baselines, paired on the same facts questions (seed s of an arm with seed s of the "
+                             "other, pooled over seeds; Newcombe's paired 95% interval; exact sign test, Holm over "
+                             "the table):\n\n" + table)
+            if line := union_line(out, suite):
+                parts.append(line)
         if any(r.get("curve") for r in results["suites"][suite].values()):
             parts.append("Learning curves:\n\n" + curve_table(results, suite))
             plot_curves(results, out, suite, out / f"curves-{suite}.png")
