@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT))
 from llm_modules.__main__ import build_parser, subcommands  # noqa: E402
 
 OVERRIDES = ("config overrides: any config field as `--section.key VALUE` (e.g. `--train.lr_bridge 1e-4`, "
-             "`--coupling none` for a top-level field); see [training.md](training.md#unknown-and-misspelt-command-line-flags)")
+             "`--coupling none` for a top-level field); see "
+             "[training.md](training.md#unknown-and-misspelt-command-line-flags)")
 
 
 def cell(text: str) -> str:

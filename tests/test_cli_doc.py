@@ -15,7 +15,7 @@ def load_script():
 def test_cli_md_is_what_the_parser_renders():
     rendered = load_script().render()
     assert (ROOT / "docs" / "cli.md").read_text() == rendered, (
-        "docs/cli.md is out of date with llm_modules/__main__.py: run `python scripts/cli_doc.py` and commit docs/cli.md")
+        "docs/cli.md is out of date with llm_modules/__main__.py: run `python scripts/cli_doc.py`, commit docs/cli.md")
 
 
 def test_every_subcommand_and_flag_is_on_the_page():
