@@ -108,3 +108,9 @@ def test_slugs_match_github():
     assert slug("`--max-steps` is the schedule's horizon") == "--max-steps-is-the-schedules-horizon"
     assert slug("Training: live features vs the frozen-feature cache") == \
         "training-live-features-vs-the-frozen-feature-cache"
+
+
+def test_readme_maps_every_docs_page():
+    linked = {(ROOT / t.partition("#")[0]).resolve() for t in links((ROOT / "README.md").read_text())}
+    missing = [p.name for p in PAGES[1:] if p.resolve() not in linked]
+    assert missing == [], f"README.md's docs map does not link {missing}"
