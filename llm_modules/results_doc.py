@@ -164,7 +164,14 @@ def _settings(arm: Arm) -> dict:
     return {**_flat(arm.over), **({"own_solutions": True} if arm.own_solutions else {})}
 
 
-def _parent(arm: Arm) -> tuple[str, dict]:
+def shown(data: dict) -> set[str]:
+    """Every arm name the data's tables and comparisons show."""
+    names = {r["arm"] for suite in data["suites"].values() for r in suite["rows"]}
+    names |= {p[k] for p in data["paired"] for k in ("a", "b")} | {r["arm"] for r in data["carried"]}
+    return names
+
+
+def _parent(arm: Arm, among: set[str]) -> tuple[str, dict]:
     """The earlier arm of the same family this one differs least from (fewest settings it lacks, then fewest that
     differ, then fewest it adds; the first of equals), or the suite's config when no arm is closer; and the
     settings that differ."""
@@ -173,7 +180,7 @@ def _parent(arm: Arm) -> tuple[str, dict]:
     for other in ARMS.values():
         if other.name == arm.name:
             break
-        if family(other) != family(arm) or re.search(r"-seed\d+$", other.name):
+        if family(other) != family(arm) or other.name not in among:
             continue
         theirs = _settings(other)
         diff = {k: mine.get(k, "default") for k in {*mine, *theirs} if mine.get(k, "default") != theirs.get(k,
@@ -185,18 +192,18 @@ def _parent(arm: Arm) -> tuple[str, dict]:
 
 
 def glossary(data: dict) -> str:
-    body = []
+    body, names = [], shown(data)
     for arm in ARMS.values():
-        if re.search(r"-seed\d+$", arm.name):
-            continue  # a seed is a row of its arm
-        parent, diff = _parent(arm)
+        if arm.name not in names:
+            continue  # not measured here (a seed is a row of its arm)
+        parent, diff = _parent(arm, names)
         changes = ", ".join(f"`{k}: {v}`" for k, v in sorted(diff.items())) or "-"
         kind = {"large": "evaluated only", "train": "llm-modules train",
                 "finetune": f"llm-modules finetune ({arm.method}, {arm.base})"}[arm.kind]
         body.append([f"`{arm.name}`", family(arm), kind, parent, changes, arm.note])
     for name, o in data["outside_arms"].items():
         body.append([f"`{name}`", family(arm_of(name, data)), "by hand", f"`{o['base']}`", o["differs"], ""])
-    seeds = sorted({int(m[1]) for a in ARMS if (m := re.search(r"-seed(\d+)$", a))})
+    seeds = sorted({r["seed"] for suite in data["suites"].values() for r in suite["rows"]} - {0})
     return table(["arm", "family", "how", "base", "what differs from it", "note"], body) + (
         f"\n\nA row with seed {', '.join(map(str, seeds))} is the arm with `bridge.seed` and `train.seed` set to it "
         "(`ARM-seedN` in `--arms`): the initialization, the batches' order and dropout drawn again.")
