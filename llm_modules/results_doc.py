@@ -8,7 +8,7 @@ marker comments, so the prose around them is written by hand and no number is ty
     ...
     <!-- /generated -->
 
-    python -m llm_modules.results_doc            # rewrite the blocks (and the plots) in place
+    python -m llm_modules.results_doc            # rewrite the blocks and redraw the plots in docs/
     python -m llm_modules.results_doc --check    # exit 1 if a block differs from what the data renders
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from .experiment import ARMS, GPT_NEO_125M, SMOLLM, Arm
-from .report import sign_test
-from .tasks import proportion_text, wilson
+from .report import plot_curves, plot_frontier, sign_test
+from .tasks import proportion, proportion_text, wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "results" / "measured.json"
@@ -93,11 +93,11 @@ def seed_text(r: dict) -> str:
 
 
 # ---- blocks -----------------------------------------------------------------------------------------------------
-def summary_table(data: dict) -> str:
-    """One row per family: its best arm on held-out facts (all questions, seed 0; the large model alone at both
-    sizes), with the family's best trained GSM8K arm beside it."""
+def summary_picks(data: dict) -> list[tuple[str, dict, dict | None]]:
+    """One (family, facts row, GSM8K row) per family: its best arm on held-out facts (all questions, seed 0; the
+    large model alone at both sizes) and the family's best trained GSM8K arm."""
     facts, gsm = rows(data, "facts"), rows(data, "gsm8k")
-    body = []
+    out = []
     for fam in FAMILIES:
         mine = [r for r in facts if family(arm_of(r["arm"], data)) == fam and r["seed"] == 0 and "run" not in r]
         picks = mine if fam == "large alone" else [max(mine, key=lambda r: r["all"]["k"])]
@@ -105,10 +105,16 @@ def summary_table(data: dict) -> str:
         for r in picks:
             best = next((x for x in g if x["arm"] == r["arm"]), None) if fam == "large alone" else max(
                 g, key=lambda x: x["gsm8k"]["k"])
-            cell = "-" if best is None else acc(best["gsm8k"]) + ("" if best["arm"] == r["arm"]
-                                                                   else f" (`{best['arm']}`)")
-            body.append([fam, f"`{r['arm']}`", acc(r["all"]), acc(r["unseen"]), cell, num(r["tok_s_b1"]),
-                         num(r["tok_s_b16"]), f"{r['trainable_params']:,}"])
+            out.append((fam, r, best))
+    return out
+
+
+def summary_table(data: dict) -> str:
+    body = []
+    for fam, r, best in summary_picks(data):
+        cell = "-" if best is None else acc(best["gsm8k"]) + ("" if best["arm"] == r["arm"] else f" (`{best['arm']}`)")
+        body.append([fam, f"`{r['arm']}`", acc(r["all"]), acc(r["unseen"]), cell, num(r["tok_s_b1"]),
+                     num(r["tok_s_b16"]), f"{r['trainable_params']:,}"])
     return table(["family", "arm (best on facts)", "held-out facts, all", "facts, never-seen answers",
                   "GSM8K (the family's best trained arm)", "decode tok/s b=1", "b=16", "trainable params"], body)
 
@@ -290,6 +296,45 @@ BLOCKS = {"provenance": provenance, "summary-table": summary_table, "answer-tabl
           "cost": cost_table, "warm-start": warm_start_table, "ablations": ablations_table}
 
 
+# ---- plots (report's, on the data in the shape of an experiment's results.json) ----------------------------------
+def _proportion(p: dict) -> dict:
+    return proportion([True] * p["k"] + [False] * (p["n"] - p["k"]))
+
+
+def _results(data: dict, suite: str, task: str, arms: list[str], value) -> dict:
+    """{"suites": {suite: arm -> {"eval": {task: ...}, "speed", "curve"}}} for report's plots, seed 0 rows."""
+    curves: dict = {}
+    for c in data["curves"].get(suite, []):
+        if c["seed"] == 0:
+            curves.setdefault(c["arm"], []).append({"step": c["step"], **_proportion(c["all"]),
+                                                    "unseen_answers": _proportion(c["unseen"])})
+    out = {}
+    for r in rows(data, suite):
+        if r["arm"] in arms and r["seed"] == 0 and "run" not in r and r["arm"] not in out:
+            out[r["arm"]] = {"eval": {task: value(r)}, "speed": {"batch_1": r["tok_s_b1"], "batch_16": r["tok_s_b16"]},
+                             **({"curve": curves[r["arm"]]} if r["arm"] in curves else {})}
+    return {"suites": {task: out}, "arm_order": arms}
+
+
+def plot(data: dict, docs: Path) -> list[Path]:
+    """The facts curves (the default arms, then the follow-up arms) and the accuracy-speed frontiers."""
+    facts = lambda r: {**_proportion(r["all"]), "unseen_answers": _proportion(r["unseen"])}  # noqa: E731
+    curved = [a for a in ARMS if a in {c["arm"] for c in data["curves"]["facts"]}]
+    written = []
+    for name, arms in (("results-curves-facts.png", [a for a in curved if not ARMS[a].followup]),
+                       ("results-curves-facts-followups.png", [a for a in curved if ARMS[a].followup])):
+        plot_curves(_results(data, "facts", "facts", ["large-alone", *arms], facts), docs, "facts", docs / name)
+        written.append(docs / name)
+    summary = [r["arm"] for _, r, _ in summary_picks(data)]
+    task = "held-out facts, all questions"
+    plot_frontier(_results(data, "facts", task, summary, lambda r: _proportion(r["all"])), docs, task,
+                  docs / "results-frontier-facts.png")
+    gsm = [r["arm"] for r in rows(data, "gsm8k") if r["tok_s_b1"] is not None]
+    plot_frontier(_results(data, "gsm8k", "gsm8k", gsm, lambda r: _proportion(r["gsm8k"])), docs, "gsm8k",
+                  docs / "results-frontier-gsm8k.png")
+    return [*written, docs / "results-frontier-facts.png", docs / "results-frontier-gsm8k.png"]
+
+
 # ---- the files --------------------------------------------------------------------------------------------------
 def render(text: str, data: dict) -> str:
     """`text` with every generated block rendered anew from `data`; the rest untouched."""
@@ -303,6 +348,7 @@ def render(text: str, data: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm_modules.results_doc", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a generated block is stale, write nothing")
+    parser.add_argument("--no-plots", action="store_true", help="rewrite the text blocks only")
     args = parser.parse_args(argv)
     data, stale = load(), []
     for path in FILES:
@@ -319,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path.write_text(new, encoding="utf-8")
             print(f"{path.relative_to(ROOT)}: rewritten")
+    if not args.check and not args.no_plots:
+        for path in plot(data, ROOT / "docs"):
+            print(f"{path.relative_to(ROOT)}: drawn")
     return 1 if stale else 0
 
 
