@@ -285,10 +285,19 @@ def ablations_table(data: dict) -> str:
               f"agreement with the large model on held-out positions): {probe}.")
 
 
+def measured_arms(data: dict) -> list[str]:
+    """Every experiment arm of the tables as `--arms` names it (seed N: ARM-seedN), in the experiment's order."""
+    names = {r["arm"] + (f"-seed{r['seed']}" if r["seed"] else "") for suite in data["suites"].values()
+             for r in suite["rows"] if not r.get("outside_experiment")}
+    return [a for a in ARMS if a in names]
+
+
 def provenance(data: dict) -> str:
     p = data["provenance"]
-    return (f"Measured on {p['machine']}. Every arm of both suites, resumable (a rerun skips what is done; "
-            f"`--arms` and `--suites` take subsets):\n\n```bash\n{p['command']}\n```")
+    return (f"Measured on {p['machine']}. Every experiment arm of the tables ({len(measured_arms(data))}, seeds "
+            "included), both suites, resumable (a rerun skips what is done):\n\n```bash\n"
+            'llm-modules experiment --output-dir runs/experiment --arms "$(python -m llm_modules.results_doc '
+            '--arms)"\n```')
 
 
 BLOCKS = {"provenance": provenance, "summary-table": summary_table, "answer-table": summary_table, "facts-table": facts_table,
@@ -349,8 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm_modules.results_doc", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a generated block is stale, write nothing")
     parser.add_argument("--no-plots", action="store_true", help="rewrite the text blocks only")
+    parser.add_argument("--arms", action="store_true", help="print the measured experiment arms, comma-separated")
     args = parser.parse_args(argv)
     data, stale = load(), []
+    if args.arms:
+        print(",".join(measured_arms(data)))
+        return 0
     for path in FILES:
         text = path.read_text(encoding="utf-8")
         if not BLOCK.search(text):

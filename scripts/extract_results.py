@@ -308,7 +308,6 @@ def main() -> None:
         "provenance": {
             "source": f"docs/results.md at commit {SOURCE} (scripts/extract_results.py); the runs' results.json "
                       "and answer files are lost with the machines that ran them",
-            "command": "llm-modules experiment --arms all --output-dir runs/experiment",
             "machine": "2-vCPU AMD EPYC (avx2, hypervisor), 23.5 GiB RAM, torch 2.13 CPU, 2 threads, fp32",
             "large_models": {"0.5b": "Qwen2.5-Coder-0.5B-Instruct", "1.5b": "Qwen2.5-Coder-1.5B-Instruct"},
             "decode_speed": "tasks.decode_speed: 64-token prompt, 48 new tokens, tokens/s; measured in the sitting "
