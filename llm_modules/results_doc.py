@@ -216,10 +216,7 @@ def glossary(data: dict) -> str:
 
 
 def _pairs(data: dict, key: tuple) -> list[dict]:
-    suite, a, a_seed, b, b_seed = key
-    suites = ("gsm8k", "hellaswag", "arc_easy") if suite == "gsm8k" else (suite,)
-    return [p for p in data["paired"] if p["suite"] in suites and (p["a"], p["a_seed"], p["b"], p["b_seed"]) ==
-            (a, a_seed, b, b_seed) and (p["suite"] == "gsm8k" or suite != "gsm8k")]
+    return [p for p in data["paired"] if (p["suite"], p["a"], p["a_seed"], p["b"], p["b_seed"]) == key]
 
 
 def p_text(p: float) -> str:
@@ -264,7 +261,7 @@ def warm_start_table(data: dict) -> str:
     train = [[t["init"], f"`{t['arm']}`", " / ".join(f"{x:.2f}" for x in t["val_loss"]),
               acc(facts[t["arm"]]["all"]), acc(facts[t["arm"]]["unseen"])] for t in w["training"]]
     steps = " / ".join(map(str, w["val_loss_steps"]))
-    return (f"Step 0, on {w['measured_on']} (`{w['command']}`):\n\n"
+    return (f"On {w['measured_on']} (`{w['command']}`):\n\n"
             + table(["config", "widths (large -> small)", "fitted on", "bridge.init", "top-1 agreement",
                      "KL (nats)", "fit s"], body)
             + "\n\nTrained (the facts suite, 256 wide):\n\n"
@@ -300,9 +297,10 @@ def provenance(data: dict) -> str:
             '--arms)"\n```')
 
 
-BLOCKS = {"provenance": provenance, "summary-table": summary_table, "answer-table": summary_table, "facts-table": facts_table,
-          "gsm8k-table": gsm8k_table, "glossary": glossary, "paired-tests": paired_tests, "carried": carried_table,
-          "cost": cost_table, "warm-start": warm_start_table, "ablations": ablations_table}
+# Block name -> its renderer. README's answer table and docs/results.md's summary table are the same table.
+BLOCKS = {"summary-table": summary_table, "answer-table": summary_table, "provenance": provenance,
+          "glossary": glossary, "facts-table": facts_table, "gsm8k-table": gsm8k_table, "paired-tests": paired_tests,
+          "carried": carried_table, "cost": cost_table, "warm-start": warm_start_table, "ablations": ablations_table}
 
 
 # ---- plots (report's, on the data in the shape of an experiment's results.json) ----------------------------------
