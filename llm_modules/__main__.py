@@ -37,14 +37,16 @@ def cmd_finetune(args, extra) -> int:
 
 
 def cmd_experiment(args, extra) -> int:
-    from .experiment import ARMS, DEFAULT_ARMS, SUITES, run_experiment
+    from .experiment import ARMS, SUITES, run_experiment
 
     cfg = load_config(args.config, parse_overrides(extra))
     chosen = {}
-    for flag, given, known, default in (("--suites", args.suites, SUITES, list(SUITES)),
-                                        ("--arms", args.arms, ARMS, DEFAULT_ARMS)):
+    # Not given: the suites not kept for naming, and each suite's own arms (None; DEFAULT_ARMS for facts and gsm8k).
+    for flag, given, known, default in (("--suites", args.suites, SUITES,
+                                         [n for n, s in SUITES.items() if not s.named_only]),
+                                        ("--arms", args.arms, ARMS, None)):
         names = list(known) if given == "all" else given.split(",") if given else default
-        unknown = [n for n in names if n not in known]
+        unknown = [n for n in names or [] if n not in known]
         if unknown:
             raise UserError(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
         chosen[flag] = names
@@ -323,10 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="knowledge transfer on real benchmarks: every arm (large alone, combined x 2 "
                                           "inits, small alone, distilled, prompt coupling, SmolLM2 fine-tuned, LoRA)")
     p.add_argument("--config", default="configs/default.yaml", help="the models and training settings of the arms")
-    p.add_argument("--suites", help="comma-separated: facts, gsm8k (default: both)")
+    p.add_argument("--suites", help="comma-separated: facts, gsm8k (default: both), facts-decisive (issue 48's "
+                                    "decisive table: every held-out question, matched steps, three seeds; when named)")
     from .experiment import ARMS  # light: the arm table, not the training code
 
-    p.add_argument("--arms", help="comma-separated subset, or 'all' (default: all but the follow-up arms, which "
+    p.add_argument("--arms", help="comma-separated subset, or 'all' (default: a suite's own arms, facts-decisive's "
+                                  "table; for facts and gsm8k all but the follow-up arms, which "
                                   "test a hypothesis of docs/results.md: "
                                   + ", ".join(n for n, a in ARMS.items() if a.followup) + ")")
     p.add_argument("--quick", action="store_true", help="every arm on small slices (minutes): a check, not results")

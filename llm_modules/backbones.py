@@ -143,12 +143,13 @@ def load_frozen_large(spec: ModelSpec) -> PreTrainedModel:
     return freeze(load_backbone(spec, pretrained=True, seed=INLINE_LARGE_SEED, where="large"))
 
 
-def hidden_states_at(large: nn.Module, layer: int, input_ids, attention_mask, position_ids, cache=None):
-    """The large model's hidden states (B, T, D_L) at `layer` (-1: the last, after the final norm); its LM head is
-    never run."""
+def hidden_states_at(large: nn.Module, layers: tuple[int, ...], input_ids, attention_mask, position_ids, cache=None):
+    """The large model's hidden states at `layers` (LargeConfig.read_layers; -1: the last, after the final norm),
+    concatenated along the width: (B, T, len(layers) * D_L); its LM head is never run."""
     out = large(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                use_cache=cache is not None, output_hidden_states=layer != -1)
-    return out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+                use_cache=cache is not None, output_hidden_states=layers != (-1,))
+    states = [out.last_hidden_state if layer == -1 else out.hidden_states[layer] for layer in layers]
+    return states[0] if len(states) == 1 else torch.cat(states, dim=-1)  # one layer: the tensor itself, no copy
 
 
 # ---- tokenizers ------------------------------------------------------------------------------------------------

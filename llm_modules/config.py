@@ -57,6 +57,28 @@ class ModelSpec:
 class LargeConfig(ModelSpec):
     # Index into the large model's hidden states: 0 = embeddings, L = last layer; -1 = the last hidden state.
     layer: int = -1
+    # coupling: prompt: several hidden states read at once (e.g. [14, -1]: a middle layer, where factual recall
+    # peaks, and the last), each normalized on its own and concatenated along the width; replaces `layer`.
+    layers: Optional[list] = None
+
+    @property
+    def read_layers(self) -> tuple[int, ...]:
+        """The hidden states the large model gives: `layers`, else (`layer`,)."""
+        return tuple(self.layers) if self.layers else (self.layer,)
+
+    def problems(self, where: str) -> list[str]:
+        out = super().problems(where)
+        if self.layers is None:
+            return out
+        if len(self.layers) < 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers):
+            out.append(f"{where}.layers: {self.layers!r} must list two or more layer indices (e.g. [14, -1]); for "
+                       f"one, set {where}.layer")
+        elif len(set(self.layers)) != len(self.layers):
+            out.append(f"{where}.layers: {self.layers!r} names a layer twice")
+        if self.layer != -1:
+            out.append(f"{where}.layer: {self.layer} and {where}.layers: {self.layers!r} both given; "
+                       f"{where}.layers replaces {where}.layer: remove one")
+        return out
 
 
 @dataclass
@@ -262,6 +284,9 @@ class LLMModulesConfig:
             if self.large.layer != -1:
                 problems.append(f"bridge.init: large needs large.layer: -1 (the state the large model's head reads), "
                                 f"not {self.large.layer}")
+        if self.large.layers is not None and self.coupling != "prompt":
+            problems.append(f"large.layers: only coupling 'prompt' reads several layers, not {self.coupling!r}; "
+                            "set large.layer instead")
         if self.train.lr_gate is not None and self.coupling != "prompt":
             problems.append(f"train.lr_gate: only coupling 'prompt' has tanh gates, not {self.coupling!r}; "
                             "leave it unset")

@@ -89,7 +89,8 @@ class PromptCoupling(CrossAttending, PromptBridge):
     def build(cls, cfg, d_large: int, small: nn.Module, vocab_size: int) -> tuple[nn.Module, nn.Module, nn.Module]:
         """`small` is the small causal LM with its head; its blocks are wrapped at the bridge's indices."""
         head, small = small.get_output_embeddings(), small.base_model
-        coupling = cls(d_large, hidden_size(small.config), len(block_list(small)), cfg.bridge)
+        coupling = cls(d_large, hidden_size(small.config), len(block_list(small)), cfg.bridge,
+                       sources=len(cfg.large.read_layers))
         attach(small, coupling)
         return coupling, small, head
 

@@ -21,6 +21,7 @@ all. docs/results.md is this command's report.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -76,6 +77,11 @@ class Arm:
     note: str = ""
     followup: bool = False  # tests a hypothesis of docs/results.md; runs when named (or --arms all), not by default
     own_solutions: bool = False  # GSM8K: trains on the large model's own right solutions (own_solutions), not the set's
+    # The arm whose fine-tuned small model (its best/) this arm's small model starts from: that arm (a full fine-tune
+    # of the small model) is trained first (train_receiver); see the decisive facts suite below.
+    starts_from: Optional[str] = None
+    # Its part of a suite whose steps are split (Suite.memory_steps): a key of SHARES; None = all the suite's steps.
+    share: Optional[str] = None
 
 
 ARMS = {a.name: a for a in (
@@ -176,7 +182,8 @@ def _seeded(arm: Arm, seed: int) -> Arm:
     batches' order and dropout (bridge.seed, train.seed); the same data, held-out split and feature cache. Two runs of
     one arm are what says whether a difference between arms is larger than run-to-run spread."""
     return replace(arm, name=f"{arm.name}-seed{seed}", followup=True, note=f"{arm.note}; seed {seed}",
-                   over=_merge(arm.over, {"bridge": {"seed": seed}, "train": {"seed": seed}}))
+                   over=_merge(arm.over, {"bridge": {"seed": seed}, "train": {"seed": seed}}),
+                   starts_from=arm.starts_from and f"{arm.starts_from}-seed{seed}")  # the receiver of its own seed
 
 
 def _longer(arm: Arm, steps: int) -> Arm:
@@ -211,6 +218,10 @@ class Suite:
     max_new_tokens: Optional[int] = None
     speed: tuple = (48, 2, 64)  # decode speed: new tokens per row, timed repeats, prompt tokens (tasks.decode_speed)
     solutions: Optional[str] = None  # own_solutions: the task whose first data.max_examples problems are answered
+    # Split steps (the decisive suite): the memory's share; an arm's part is Arm.share (SHARES). None: not split.
+    memory_steps: Optional[int] = None
+    arms: tuple = ()  # the suite's own arms, run when --arms is not given (empty: DEFAULT_ARMS)
+    named_only: bool = False  # run only when named with --suites (not by default)
 
 
 SUITES = {
@@ -235,6 +246,90 @@ QUICK = {
 }
 
 
+# ==== The decisive facts table (issue 48) ========================================================================
+# Every trained arm gets the same optimizer steps (and batches): one full pass over the train facts, plus the memory
+# attention's own steps, counted for every arm. The residual fusion (coupling: prompt on SmolLM2 fine-tuned, frozen)
+# spends the pass on its receiver's fine-tuning and the rest on its memory attention; SmolLM2 fine-tuned continues
+# from that same receiver for the same rest; the two-stage prompt arm trains its memory attention alone for the
+# rest's length first, then SmolLM2 with it for a pass; the stream arm trains all the steps. All 2,912 held-out
+# questions; seeds 0, 1, 2 (`-seed1`, `-seed2`).
+FACTS_TRAIN = 6607  # facts of the train subjects (6,955 after deduplication) less the 5% validation split (tested)
+FACTS_HELD_OUT = 2912  # every question about a held-out subject (tested against the data)
+DECISIVE_BATCH = 16
+PASS = math.ceil(FACTS_TRAIN / DECISIVE_BATCH)  # 413 steps: each train fact once
+MEMORY_STEPS = 120  # the memory attention's own steps: the two-stage arms' first stage, where their gates opened
+SHARES = {  # Arm.share -> its train.* steps in a split suite (s.steps = one pass + s.memory_steps)
+    "receiver": lambda s: {"max_steps": s.steps - s.memory_steps},  # a fine-tuned small model others start from
+    "memory": lambda s: {"max_steps": s.memory_steps},  # on top of the receiver it starts from (Arm.starts_from)
+    "two-stage": lambda s: {"max_steps": s.steps, "small_from_step": s.memory_steps},  # memory first, then both
+}
+# The residual fusion: SmolLM2 fine-tuned for one pass (its checkpoint, set by the experiment), frozen, with gated
+# memory attention after every 2nd of its 30 blocks (15 layers: the 10- and 15-layer arms were level; 30 would cost
+# about twice as much) reading a middle layer of the 1.5B model (factual recall peaks there) and its last; gates at 0, so at
+# step 0 it answers exactly as the receiver does.
+FUSION_1_5B = _merge(PROMPT_OPEN_1_5B, {"large": {"layers": [14, -1]}, "bridge": {"every": 2},
+                                        "train": {"lr_small": 0.0}})
+SMOLLM_FT_SENTENCE = ARMS["smollm-ft-sentence"].over
+DECISIVE = (
+    Arm("smollm-ft-receiver", "finetune", SMOLLM_FT_SENTENCE, method="full", base="small", share="receiver",
+        followup=True, note="SmolLM2-135M-Instruct fine-tuned alone on the sentences for one pass: the receiver the "
+                            "fusion and the matched SmolLM2 arm start from"),
+    Arm("smollm-ft-matched", "finetune", SMOLLM_FT_SENTENCE, method="full", base="small", share="memory",
+        starts_from="smollm-ft-receiver", followup=True,
+        note="SmolLM2 fine-tuned: the receiver fine-tuned on for the fusion's memory steps (the same total steps)"),
+    Arm("fusion-smollm-ft-1.5b", "train", FUSION_1_5B, share="memory", starts_from="smollm-ft-receiver",
+        followup=True,
+        note="residual fusion: SmolLM2 fine-tuned for one pass, frozen (lr 0: what it learned stays, at step 0 it is "
+             "the receiver exactly, and trained SmolLM2 had closed the gates), with gated memory attention after every "
+             "2nd block reading layers 14 and 28 of the 1.5B model"),
+    replace(ARMS["prompt-smollm-sentence-2stage-every3-1.5b"], name="prompt-smollm-sentence-2stage-every3-1.5b-matched",
+            share="two-stage", note="the best prompt recipe (two stages, 10 memory layers) on the decisive budget: "
+                                    "the memory attention alone for the memory steps, then SmolLM2 too for a pass"),
+    ARMS["combined-large-wide-sentence-1.5b"],  # the stream coupling reading the 1.5B model: the suite's steps
+)
+ARMS.update((a.name, a) for a in DECISIVE[:-1])
+ARMS.update((a.name, a) for a in (_seeded(arm, seed) for arm in DECISIVE for seed in (1, 2)) if a.name not in ARMS)
+SUITES["facts-decisive"] = replace(
+    SUITES["facts"], name="facts-decisive", steps=PASS + MEMORY_STEPS, memory_steps=MEMORY_STEPS,
+    batch_size=DECISIVE_BATCH, tests={"facts": FACTS_HELD_OUT}, named_only=True,
+    arms=tuple(f"{a.name}{s}" for a in DECISIVE[1:] for s in ("", "-seed1", "-seed2")))
+QUICK["facts-decisive"] = replace(SUITES["facts-decisive"], data=QUICK["facts"].data, steps=4, memory_steps=2,
+                                  batch_size=8, tests={"facts": 16}, curve_task=("facts", 8), curve_points=1,
+                                  speed=(8, 1, 16))
+
+
+def share_over(suite: Suite, arm: Arm, out: Path) -> dict:
+    """What a split suite's arm changes on top of its own overrides: its share of the steps (Arm.share) and, for an
+    arm that starts from another (Arm.starts_from), that arm's fine-tuned model (`<suite dir>/<arm>/best`) as its
+    small model."""
+    over: dict = {}
+    if arm.share is not None:
+        if suite.memory_steps is None:
+            raise UserError(f"arm {arm.name} takes a share ({arm.share}) of split steps; suite {suite.name} does not "
+                            "split them (no memory_steps): run it in the facts-decisive suite")
+        over["train"] = SHARES[arm.share](suite)
+    if arm.starts_from is not None:
+        over["small"] = {"name_or_path": str((out.parent / arm.starts_from / "best").resolve())}
+    return over
+
+
+def train_receiver(base: LLMModulesConfig, suite: Suite, arm: Arm, suite_dir: Path, log=print) -> dict:
+    """Train (or find trained) the arm `arm` starts from (Arm.starts_from), and what it starts from, first: its best/
+    is `arm`'s small model. Returns its train_arm record with `total_steps`, its steps and its receiver's."""
+    dep = ARMS.get(arm.starts_from)
+    if dep is None or (dep.kind, dep.method, dep.base) != ("finetune", "full", "small"):
+        raise UserError(f"arm {arm.name} starts from {arm.starts_from!r}, which is not an arm fine-tuning the small "
+                        "model whole (kind finetune, method full, base small)")
+    before = train_receiver(base, suite, dep, suite_dir, log) if dep.starts_from else {"total_steps": 0}
+    log(f"  {arm.name} starts from {dep.name}: trained first")
+    trained = prepare_arm(arm_config(base, suite, dep, suite_dir / dep.name), dep, None, log)[0]
+    best = suite_dir / dep.name / "best"
+    if not (best / "config.json").is_file():
+        raise UserError(f"arm {arm.name} starts from {dep.name}, whose fine-tuned model {best} is missing; remove "
+                        f"{suite_dir / dep.name} and run the experiment again to retrain it")
+    return {**trained, "arm": dep.name, "total_steps": trained["steps"] + before["total_steps"]}
+
+
 # ---- configs --------------------------------------------------------------------------------------------------
 def arm_config(base: LLMModulesConfig, suite: Suite, arm: Arm, out: Path, solutions: Optional[Path] = None
                ) -> LLMModulesConfig:
@@ -247,7 +342,8 @@ def arm_config(base: LLMModulesConfig, suite: Suite, arm: Arm, out: Path, soluti
         "output_dir": str(out), "max_steps": suite.steps, "batch_size": suite.batch_size, "epochs": 1000,
         "eval_every": every, "save_every": every, "keep_every": every if arm.curve else None, "patience": None,
         "save_final_optimizer": False, "feature_cache": "auto"}})
-    return LLMModulesConfig.from_dict(_merge(d, arm.over), where=f"experiment arm {arm.name} ({suite.name})")
+    return LLMModulesConfig.from_dict(_merge(_merge(d, arm.over), share_over(suite, arm, out)),
+                                      where=f"experiment arm {arm.name} ({suite.name})")
 
 
 def trainable_count(cfg: LLMModulesConfig) -> int:
@@ -495,8 +591,9 @@ def _earlier_results(path: Path) -> Optional[dict]:
     return earlier if isinstance(earlier, dict) and isinstance(earlier.get("suites"), dict) else None
 
 
-def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms: list[str], quick: bool = False,
-                   log=print) -> dict:
+def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms: Optional[list[str]],
+                   quick: bool = False, log=print) -> dict:
+    """Train, evaluate and report `arms` (None: each suite's own arms, else DEFAULT_ARMS) in every suite named."""
     t_start = time.perf_counter()
     table = QUICK if quick else SUITES
     earlier = _earlier_results(out / "results.json")
@@ -509,18 +606,26 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
         log(f"\n=== suite {name}: {suite.steps} steps of batch {suite.batch_size}; tests {suite.tests} ===")
         target = trainable_count(arm_config(base, suite, ARMS["combined-paper"], out / name / "combined-paper"))
         per_arm = results["suites"].setdefault(name, {})  # the suite's arms from earlier runs stay
-        for arm_name in arms:
+        for arm_name in arms if arms is not None else list(suite.arms) or DEFAULT_ARMS:
             arm = ARMS[arm_name]
             d = out / name / arm_name
             if arm.own_solutions and suite.solutions is None:
                 log(f"\n--- {name} / {arm_name}: skipped (it trains on the large model's own solutions, which this "
                     f"suite does not define) ---")
                 continue
+            if arm.share is not None and suite.memory_steps is None:
+                log(f"\n--- {name} / {arm_name}: skipped (it takes a share of split steps, which this suite does not "
+                    f"split; the facts-decisive suite does) ---")
+                continue
+            receiver = train_receiver(base, suite, arm, out / name, log) if arm.starts_from else None
             solutions = own_solutions(base, suite, out / name, log) if arm.own_solutions else None
             cfg = arm_config(base, suite, arm, d, solutions)
             log(f"\n--- {name} / {arm_name} ({time.perf_counter() - t_start:.0f} s) ---")
             trained, checkpoint, large_only, load = prepare_arm(cfg, arm, target, log)
             r: dict = {"note": arm.note, **trained}
+            if receiver is not None:  # the steps and time of the fine-tuning it starts from count too
+                r["starts_from"] = receiver
+                r["total_steps"] = trained["steps"] + receiver["total_steps"]
             tests = {**suite.tests, **(suite.extra_tests if arm_name in suite.extra_arms else {})}
             r["eval"] = {s["task"]: s for s in evaluate_arm(checkpoint, tests, d / "eval", large_only=large_only,
                                                             batch_size=16, max_new_tokens=suite.max_new_tokens,

@@ -8,8 +8,8 @@ a build drop the shard being computed (a shard being written is finished), say h
 `interrupt.Interrupted` (the CLI exits with 143 / 130); the same command then builds only the missing shards.
 
 Key: sha256 of the large model's identity (name, revision, overrides, and for local files their sizes and times),
-the tapped layer, the large dtype, the storage dtype, and every example's token ids (which capture the tokenizer,
-the formatting and the data). Anything different -> another directory; a stale cache is never read.
+the tapped layer (or layers), the large dtype, the storage dtype, and every example's token ids (which capture
+the tokenizer, the formatting and the data). Anything different -> another directory; a stale cache is never read.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def model_identity(cfg) -> dict:
     """What makes the large model's states what they are."""
     spec = cfg.large
     ident = {"large": spec.identity, "layer": spec.layer, "dtype": spec.dtype}
+    if spec.layers:  # only then: a one-layer cache keeps the key it always had
+        ident["layers"] = list(spec.layers)
     if spec.name_or_path is not None:
         from .weights import WEIGHTS
 
@@ -117,14 +119,14 @@ def open_split(cfg, examples, split: str) -> Optional[SplitFeatures]:
 
 
 def build_split(large, cfg, examples, split: str, *, batch_tokens: int = 4096, log=print) -> SplitFeatures:
-    """Run the frozen large backbone once over `examples` and store its states at large.layer (resumes a partial
-    build)."""
+    """Run the frozen large backbone once over `examples` and store its states at large.layer (or large.layers,
+    concatenated; resumes a partial build)."""
     storage = cfg.train.feature_dtype
     root = cache_root(cfg)
     d = _split_dir(root, cfg, examples, storage, split)
     if is_complete(d):
         return SplitFeatures(d, len(examples))
-    width = hidden_size(large.config)
+    width = hidden_size(large.config) * len(cfg.large.read_layers)
     tokens = sum(len(large_ids(e)) for e in examples)
     need = tokens * width * DTYPES[storage].itemsize
     d.mkdir(parents=True, exist_ok=True)
@@ -145,8 +147,8 @@ def build_split(large, cfg, examples, split: str, *, batch_tokens: int = 4096, l
             if s in done:
                 continue
             first = s * SHARD_EXAMPLES
-            shard = _compute(large, cfg.large.layer, examples[first:first + SHARD_EXAMPLES], first, batch_tokens,
-                             DTYPES[storage], bar, stops)
+            shard = _compute(large, cfg.large.read_layers, examples[first:first + SHARD_EXAMPLES], first,
+                             batch_tokens, DTYPES[storage], bar, stops)
             if shard is None:  # a signal: the shard is dropped, nothing of it is on disk
                 break
             save_tensors(d / f"shard-{s:05d}.safetensors", shard)  # atomic: complete or absent
@@ -166,7 +168,7 @@ def build_split(large, cfg, examples, split: str, *, batch_tokens: int = 4096, l
 
 
 @torch.no_grad()
-def _compute(large, layer: int, examples, first: int, batch_tokens: int, dtype, bar,
+def _compute(large, layers: tuple[int, ...], examples, first: int, batch_tokens: int, dtype, bar,
              stops: Optional[StopRequests] = None) -> Optional[dict[str, torch.Tensor]]:
     """States of one shard's examples, batched by length; None as soon as `stops` records a signal."""
     seqs = [large_ids(e) for e in examples]
@@ -189,7 +191,7 @@ def _compute(large, layer: int, examples, first: int, batch_tokens: int, dtype, 
         for b, j in enumerate(group):
             n = len(seqs[j])
             ids[b, :n], mask[b, :n] = torch.tensor(seqs[j]), 1
-        states = hidden_states_at(large, layer, ids, mask, positions_from_mask(mask))  # (B, T, D_L)
+        states = hidden_states_at(large, layers, ids, mask, positions_from_mask(mask))  # (B, T, n * D_L)
         for b, j in enumerate(group):
             n = len(seqs[j])
             out[str(first + j)] = states[b, :n].to(dtype).clone()

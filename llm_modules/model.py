@@ -101,7 +101,7 @@ class LLMModules(nn.Module):
         out_tokenizer = load_small_tokenizer(config) if own else tokenizer
         vocab_size = (small.get_output_embeddings().out_features if own
                       else resolve_vocab_size(config, tokenizer, large_config.vocab_size))
-        check_source_layer(config.large.layer, large_config)
+        check_source_layers(config.large, large_config)
         with seeded(seed):
             model = cls(config.replace(vocab_size=vocab_size), large, small, vocab_size, out_tokenizer, large_config,
                         large_tokenizer=tokenizer)
@@ -167,10 +167,12 @@ class LLMModules(nn.Module):
         position_ids: torch.Tensor,
         cache=None,
     ) -> torch.Tensor:
-        """The large model's hidden states (B, T, D_L) at the configured layer; its LM head is never run."""
+        """The large model's hidden states (B, T, D_L) at the configured layer (B, T, n * D_L for n large.layers);
+        its LM head is never run."""
         if self.large is None:
             raise RuntimeError("this model was built without its large model (load_large=False): pass source_states")
-        return hidden_states_at(self.large, self.config.large.layer, input_ids, attention_mask, position_ids, cache)
+        return hidden_states_at(self.large, self.config.large.read_layers, input_ids, attention_mask, position_ids,
+                                cache)
 
     def forward(
         self,
@@ -311,10 +313,13 @@ class LLMModules(nn.Module):
 
 
 # ---- builder helpers -----------------------------------------------------------------------------------------
-def check_source_layer(layer: int, large_config) -> None:
+def check_source_layers(spec, large_config) -> None:
+    """large.layer (or each of large.layers) names a hidden state of the large model."""
     n = large_config.num_hidden_layers
-    if not (layer == -1 or 0 <= layer <= n):
-        raise UserError(f"large.layer: {layer} is out of range; the large model has hidden states 0..{n} (or -1)")
+    key, given = ("large.layers", spec.layers) if spec.layers else ("large.layer", spec.layer)
+    bad = [layer for layer in spec.read_layers if not (layer == -1 or 0 <= layer <= n)]
+    if bad:
+        raise UserError(f"{key}: {given} is out of range; the large model has hidden states 0..{n} (or -1)")
 
 
 def resolve_vocab_size(config: LLMModulesConfig, tokenizer, large_vocab: int) -> int:

@@ -6,7 +6,11 @@ states over the prompt, through the bridge's pre-projection. Each such layer is 
 that starts at 0, so at step 0 the model is exactly the small model alone. Decoding prefills the memory's keys and
 values once per layer; after that only the small model runs, with its own KV cache.
 
-Shapes: B batch, T small-side positions, M memory (prompt) positions, D_L / D_S widths, H heads.
+With several large-model layers (`large.layers`, n of them) the memory is their states side by side, (B, M, n * D_L):
+each layer is normalized on its own (a middle layer's residual stream is far larger than the last, normed state),
+then the pre-projection maps the n * D_L widths to D_L.
+
+Shapes: B batch, T small-side positions, M memory (prompt) positions, D_L / D_S widths, H heads, n layers read.
 Hand-written: the project's own component.
 """
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .bridge import EnhancedCrossAttention
@@ -42,19 +47,35 @@ class GatedMemoryAttention(nn.Module):
         return x + torch.tanh(self.alpha) * (self.layer(x, k, v, mask) - x)
 
 
-class PromptBridge(nn.Module):
-    """pre_proj over the memory, and one gated cross-attention layer after every `every`-th small block."""
+class LayerWiseNorm(nn.Module):
+    """(B, M, n * D_L) -> the same, each layer's D_L states normalized to zero mean and unit variance (no weights:
+    the pre-projection after it scales them)."""
 
-    def __init__(self, d_large: int, d_small: int, num_blocks: int, cfg: BridgeConfig):
+    def __init__(self, n: int, d: int):
         super().__init__()
-        self.pre_proj = nn.Linear(d_large, d_large)
+        self.n, self.d = n, d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, M, _ = x.shape
+        return F.layer_norm(x.view(B, M, self.n, self.d), (self.d,)).view(B, M, self.n * self.d)  # (B, M, n * D_L)
+
+
+class PromptBridge(nn.Module):
+    """pre_proj over the memory (the states of `sources` large-model layers), and one gated cross-attention layer
+    after every `every`-th small block."""
+
+    def __init__(self, d_large: int, d_small: int, num_blocks: int, cfg: BridgeConfig, sources: int = 1):
+        super().__init__()
+        # One layer is read as it is (the design case, its checkpoints unchanged); several are each normalized first.
+        self.source_norm = LayerWiseNorm(sources, d_large) if sources > 1 else nn.Identity()
+        self.pre_proj = nn.Linear(sources * d_large, d_large)
         self.block_indices = list(range(cfg.every - 1, num_blocks, cfg.every))
         self.layers = nn.ModuleList(GatedMemoryAttention(d_large, d_small, cfg) for _ in self.block_indices)
         self._bound: Optional[tuple[list, torch.Tensor]] = None  # set only inside `bound()`, for one forward
 
     def keys_values(self, memory_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(B, M, D_L) -> per layer (keys, values), each (B, H, M, hd): computed once per prompt."""
-        pre = self.pre_proj(memory_states)
+        """(B, M, n * D_L) -> per layer (keys, values), each (B, H, M, hd): computed once per prompt."""
+        pre = self.pre_proj(self.source_norm(memory_states))  # (B, M, D_L)
         return [g.layer.cross_attn.keys_values(pre) for g in self.layers]
 
     @contextlib.contextmanager

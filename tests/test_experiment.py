@@ -114,7 +114,7 @@ def test_every_paired_comparison_names_two_arms_and_the_sentence_arms_train_on_s
 def test_a_seeded_arm_differs_from_its_twin_only_in_its_seeds(tmp_path):
     """A -seedN arm measures run-to-run spread: the same data, held-out split and steps, other random draws."""
     base = LLMModulesConfig.from_yaml("configs/default.yaml")
-    seeded = [n for n in ARMS if n.endswith("-seed1")]
+    seeded = [n for n in ARMS if n.endswith("-seed1") and not ARMS[n].share]  # the split suite's: test_fusion.py
     assert seeded and all(ARMS[n].followup for n in seeded)
     for name in seeded:
         twin, arm = (arm_config(base, SUITES["facts"], ARMS[n], tmp_path).to_dict()
@@ -184,14 +184,16 @@ def test_follow_up_arms_run_when_named_or_with_all(tmp_path, monkeypatch):
     from llm_modules import experiment
 
     chosen = []
-    monkeypatch.setattr(experiment, "run_experiment", lambda cfg, out, *, suites, arms, quick: chosen.append(arms))
+    monkeypatch.setattr(experiment, "run_experiment",
+                        lambda cfg, out, *, suites, arms, quick: chosen.append((suites, arms)))
     base = ["experiment", "--config", "configs/tiny-random.yaml", "--output-dir", str(tmp_path)]
     for extra in ([], ["--arms", "all"], ["--arms", "combined-large-wide-head0"]):
         assert main(base + extra) == 0
-    assert chosen[0] == DEFAULT_ARMS and "combined-large-wide-kd" in chosen[0]
+    assert chosen[0] == (["facts", "gsm8k"], None)  # not given: each suite's own arms, DEFAULT_ARMS for these two
+    assert not SUITES["facts"].arms and not SUITES["gsm8k"].arms and "combined-large-wide-kd" in DEFAULT_ARMS
     assert not {"combined-large-wide-lr1e-5", "combined-large-wide-head0", "combined-large-wide-kd0.9",
-                 "combined-large-wide-kd0.7", "combined-large-wide-kd0.9to0"} & set(chosen[0])
-    assert chosen[1] == list(ARMS) and chosen[2] == ["combined-large-wide-head0"]
+                 "combined-large-wide-kd0.7", "combined-large-wide-kd0.9to0"} & set(DEFAULT_ARMS)
+    assert chosen[1][1] == list(ARMS) and chosen[2][1] == ["combined-large-wide-head0"]
 
 
 @needs_data
