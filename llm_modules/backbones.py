@@ -146,10 +146,38 @@ def load_frozen_large(spec: ModelSpec) -> PreTrainedModel:
 def hidden_states_at(large: nn.Module, layers: tuple[int, ...], input_ids, attention_mask, position_ids, cache=None):
     """The large model's hidden states at `layers` (LargeConfig.read_layers; -1: the last, after the final norm),
     concatenated along the width: (B, T, len(layers) * D_L); its LM head is never run."""
+    attention_mask = attention_mask_for(large, attention_mask, input_ids.shape[1], cache)
     out = large(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                 use_cache=cache is not None, output_hidden_states=layers != (-1,))
     states = [out.last_hidden_state if layer == -1 else out.hidden_states[layer] for layer in layers]
     return states[0] if len(states) == 1 else torch.cat(states, dim=-1)  # one layer: the tensor itself, no copy
+
+
+# Models whose layers all attend causally over every earlier position (no sliding window, no chunks).
+FULL_CAUSAL = ("qwen2", "qwen3", "llama", "gpt2")
+
+
+def attention_mask_for(backbone: nn.Module, attention_mask: torch.Tensor, num_new: int, cache=None):
+    """The mask `backbone` is given for `num_new` new positions. With a cache that knows whether its batch has
+    padding (kv_cache.DecodingCache), a mask whose making reads no value on the host: None without padding (what
+    transformers makes of an all-ones mask: causal attention, no mask), and with padding, for SDPA models in
+    FULL_CAUSAL, the (B, 1, T, S) boolean mask transformers builds (its sdpa_mask) without the truth test it makes
+    first (a synchronization per step on a GPU). Otherwise the (B, S) mask itself."""
+    padded = getattr(cache, "padded", None)
+    if padded is None or attention_mask is None:
+        return attention_mask
+    if not padded:
+        return None
+    config = backbone.config
+    if config.model_type not in FULL_CAUSAL or config._attn_implementation != "sdpa" \
+            or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return attention_mask
+    from transformers.masking_utils import sdpa_mask
+
+    B, S = attention_mask.shape
+    return sdpa_mask(batch_size=B, q_length=num_new, kv_length=S, q_offset=S - num_new, kv_offset=0,
+                     attention_mask=attention_mask.bool(), allow_is_causal_skip=False,
+                     device=attention_mask.device)  # (B, 1, T, S)
 
 
 # ---- tokenizers ------------------------------------------------------------------------------------------------

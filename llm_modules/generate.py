@@ -79,16 +79,22 @@ def stream(
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
     model_kwargs: Optional[dict] = None,
+    check_every: int = 1,
 ) -> Iterator[Step]:
     """Yield one Step per new token. input_ids (B, T) left-padded; stops rows on eos ids or stop strings.
     model_kwargs (e.g. memory_ids / memory_mask of the prompt coupling) go with the prefill, and with every step
-    when nothing is cached."""
+    when nothing is cached. The tokens and finished flags stay on the model's device: the loop reads them on the
+    host only to test whether every row has finished, once every `check_every` steps (a synchronization on a GPU;
+    with check_every > 1 up to check_every - 1 steps of padding follow the last row's end), and, with stop strings,
+    once a step to match them."""
     sampling = sampling or SamplingConfig()
     sampling.check()
     if stop and tokenizer is None:
         raise UserError("stop strings need a tokenizer to decode the output")
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []))
-    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    if check_every < 1:
+        raise UserError(f"check_every={check_every} must be >= 1")
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     B, T = input_ids.shape
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     prompt_len = int(mask.sum(-1).max())
@@ -100,11 +106,12 @@ def stream(
         raise UserError(f"a prompt of {prompt_len} tokens + --max-new-tokens {sampling.max_new_tokens} exceeds "
                         f"{limit}; shorten the prompt or lower --max-new-tokens") from None
     procs = sampling.processors()
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)  # copied to the device once
     ids, finished = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    new: list[list[int]] = [[] for _ in range(B)]
+    new: list[list[int]] = [[] for _ in range(B)]  # each row's tokens on the host, kept for stop strings only
     cache = model.new_cache() if use_cache else None
     step_input = input_ids
-    for _ in range(sampling.max_new_tokens):
+    for i in range(sampling.max_new_tokens):
         if use_cache:
             extra = model_kwargs or {} if step_input is input_ids else {}
             logits = model(step_input, mask, cache=cache, logits_to_keep=1, **extra).logits[:, -1]  # (B, V)
@@ -117,17 +124,23 @@ def stream(
         else:
             token = scores.argmax(-1)
         token = torch.where(finished, torch.full_like(token, pad), token)
-        for b in range(B):
-            if not finished[b]:
-                new[b].append(int(token[b]))
-        done_now = torch.isin(token, eos.to(token.device)) | finished
-        if stop:
+        done_now = torch.isin(token, eos) | finished
+        all_done = None
+        if stop:  # matched on the host: one read of the step's tokens and flags
+            tokens, was, done = torch.stack([token, finished.long(), done_now.long()]).tolist()
+            stopped = [False] * B
             for b in range(B):
-                if not done_now[b] and any(s in tokenizer.decode(new[b][-32:]) for s in stop):
-                    done_now[b] = True
+                if not was[b]:
+                    new[b].append(tokens[b])
+                    stopped[b] = not done[b] and any(s in tokenizer.decode(new[b][-32:]) for s in stop)
+            if any(stopped):
+                done_now = done_now | torch.tensor(stopped, device=done_now.device)
+            all_done = all(d or s for d, s in zip(done, stopped))
         finished = done_now
         yield Step(tokens=token, logits=logits, finished=finished.clone())
-        if bool(finished.all()):
+        if all_done is None and (i + 1) % check_every == 0:
+            all_done = bool(finished.all())
+        if all_done:
             return
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -152,14 +165,26 @@ def prompt_batch(model, conversations: list[list[dict]]) -> tuple[torch.Tensor, 
 
 
 def generate(model, input_ids, attention_mask=None, *, seed: Optional[int] = None, **kwargs) -> torch.Tensor:
-    """New token ids (B, N), rows padded with pad_token_id after they stop."""
+    """New token ids (B, N), rows padded with pad_token_id after they stop. check_every: see `stream` (the output is
+    the same for any value)."""
     sampling_keys = {f for f in SamplingConfig.__dataclass_fields__}
     sampling = SamplingConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in sampling_keys})
     generator = kwargs.pop("generator", None)
     if generator is None and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    steps = [s.tokens for s in stream(model, input_ids, attention_mask, sampling, generator=generator, **kwargs)]
-    return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
+    check_every = kwargs.pop("check_every", 1)
+    tokens, ended = [], []
+    for step in stream(model, input_ids, attention_mask, sampling, generator=generator, check_every=check_every,
+                       **kwargs):
+        tokens.append(step.tokens)
+        ended.append(step.finished.all())
+    if not tokens:
+        return input_ids.new_zeros(input_ids.shape[0], 0)
+    out = torch.stack(tokens, dim=1)  # (B, N)
+    if check_every > 1:  # drop the steps after every row had finished: the output of check_every=1, one read
+        ended = torch.stack(ended)  # (N,)
+        out = out[:, :int(torch.where(ended.any(), ended.int().argmax() + 1, len(tokens)))]
+    return out
 
 
 class IncrementalDecoder:

@@ -7,6 +7,11 @@ layers deep. `use_sdpa(model)` switches every GPT-Neo attention of `model` to on
 layer's own causal / local-window mask, plus the padding mask), same unscaled scores (GPT-Neo does not divide by
 sqrt(head_dim), hence scale=1.0); the scores are computed in the input's dtype (bf16 under autocast) rather than fp32.
 Hand-written because transformers has no SDPA path for GPT-Neo; it replaces the one method that differs (`_attn`).
+
+`GPTNeoEagerAttention` is transformers' eager attention unchanged but for one line: its mask value is a Python number,
+not a tensor made from it on every call (`torch.tensor(mask_value, device=...)`, a host-to-device copy per layer per
+step on a GPU, twelve per decode step for GPT-Neo-125M); same values, bit for bit. `LLMModules` builds its GPT-Neo
+models with it (`no_host_copies`).
 """
 from __future__ import annotations
 
@@ -14,6 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
+
+
+class GPTNeoEagerAttention(GPTNeoSelfAttention):
+    def _attn(self, query, key, value, attention_mask=None):
+        # transformers' GPTNeoSelfAttention._attn (5.x) but for the mask value, a Python float (see the docstring).
+        query = query.to(torch.float32)
+        key = key.to(torch.float32)
+        attn_weights = torch.matmul(query, key.transpose(-1, -2))
+        query_length, key_length = query.size(-2), key.size(-2)
+        causal_mask = self.bias[:, :, key_length - query_length:key_length, :key_length]
+        attn_weights = torch.where(causal_mask, attn_weights, torch.finfo(attn_weights.dtype).min)
+        if attention_mask is not None:
+            attn_weights = attn_weights + attention_mask
+        attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+        attn_weights = attn_weights.to(value.dtype)
+        attn_weights = self.attn_dropout(attn_weights)
+        return torch.matmul(attn_weights, value), attn_weights
 
 
 class GPTNeoSDPAAttention(GPTNeoSelfAttention):
@@ -31,12 +53,22 @@ class GPTNeoSDPAAttention(GPTNeoSelfAttention):
         return out.to(value.dtype), None
 
 
+def _switch(model: nn.Module, to: type) -> int:
+    switched = 0
+    for module in model.modules():
+        if type(module) in (GPTNeoSelfAttention, GPTNeoEagerAttention) and type(module) is not to:
+            module.__class__ = to
+            switched += 1
+    return switched
+
+
 def use_sdpa(model: nn.Module) -> int:
     """Switch every eager GPT-Neo attention inside `model` to GPTNeoSDPAAttention in place (weights and buffers
     kept); returns how many were switched. Attention weights are then not returned (output_attentions gives None)."""
-    switched = 0
-    for module in model.modules():
-        if type(module) is GPTNeoSelfAttention:
-            module.__class__ = GPTNeoSDPAAttention
-            switched += 1
-    return switched
+    return _switch(model, GPTNeoSDPAAttention)
+
+
+def no_host_copies(model: nn.Module) -> int:
+    """Switch every eager GPT-Neo attention inside `model` to GPTNeoEagerAttention (same outputs, no tensor made on
+    the host per call); returns how many were switched."""
+    return _switch(model, GPTNeoEagerAttention)

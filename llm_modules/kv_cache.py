@@ -31,24 +31,32 @@ class CrossAttentionCache:
         self.values = [None] * len(self.values)
 
 
+class DecodingCache(DynamicCache):
+    """A language model's DynamicCache, and whether its batch has left padding: found once, at the prefill
+    (LLMModules.forward), so that decoding steps build the model's attention mask without reading the attention
+    mask's values on the host (backbones.attention_mask_for; a synchronization per step on a GPU)."""
+
+    padded: Optional[bool] = None  # None until the prefill
+
+
 @dataclass
 class LLMModulesCache:
     """Everything the combined model reuses between decoding steps. Positions are explicit arguments of the model's
     forward (derived from the attention mask); the cache only stores tensors."""
 
-    large: DynamicCache
+    large: DecodingCache
     bridge: CrossAttentionCache
-    small: DynamicCache = field(default_factory=DynamicCache)
+    small: DecodingCache = field(default_factory=DecodingCache)
     memory_mask: Optional[torch.Tensor] = None  # coupling "prompt": (B, M) validity of the memory, set at prefill
 
     @classmethod
     def empty(cls, num_bridge_layers: int) -> "LLMModulesCache":
-        return cls(large=DynamicCache(), bridge=CrossAttentionCache(num_bridge_layers), small=DynamicCache())
+        return cls(large=DecodingCache(), bridge=CrossAttentionCache(num_bridge_layers), small=DecodingCache())
 
     def get_seq_length(self) -> int:
         return self.small.get_seq_length()
 
     def reset(self) -> None:
-        self.large, self.small = DynamicCache(), DynamicCache()
+        self.large, self.small = DecodingCache(), DecodingCache()
         self.bridge.reset()
         self.memory_mask = None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import (
+    attention_mask_for,
     freeze,
     hidden_size,
     hidden_states_at,
@@ -31,6 +32,7 @@ from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_tensors, save_tensors
 from .config import LLMModulesConfig
 from .couplings import COUPLINGS
 from .errors import UserError, collect
+from .gpt_neo_sdpa import no_host_copies
 from .kv_cache import LLMModulesCache
 
 # The trainable part, by top-level submodule; the optimizer, the checkpoint and the tests use this one definition.
@@ -80,6 +82,7 @@ class LLMModules(nn.Module):
         self.position_limits = {"small": learned_position_limit(self.small)}
         if self.large is not None:
             self.position_limits["large"] = learned_position_limit(large)
+        no_host_copies(self)  # GPT-Neo's eager attention without its per-call host-to-device copy (same outputs)
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -199,14 +202,19 @@ class LLMModules(nn.Module):
             raise ValueError("give input_ids or source_states")
         B, T = ref.shape[:2]
         P = cache.get_seq_length() if cache is not None else 0
+        if cache is not None and cache.small.padded is None:  # the prefill: is any row padded? (read once)
+            cache.large.padded = cache.small.padded = attention_mask is not None and not bool(attention_mask.all())
         if attention_mask is None:
             attention_mask = torch.ones(B, P + T, dtype=torch.long, device=ref.device)
         if attention_mask.shape != (B, P + T):
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be (B, cached + new) = {(B, P + T)}")
         position_ids = positions_from_mask(attention_mask)[:, P:]  # (B, T)
-        self.check_length(int(position_ids.max()) + 1 if position_ids.numel() else 0)
-        small_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids,
-                            cache=cache.small if cache is not None else None, use_cache=cache is not None)
+        if P + T > min((n for n in self.position_limits.values() if n is not None), default=P + T):
+            # Only near a limit: the exact check reads the positions on the host (a synchronization on a GPU).
+            self.check_length(int(position_ids.max()) + 1 if position_ids.numel() else 0)
+        small_cache = cache.small if cache is not None else None
+        small_kwargs = dict(attention_mask=attention_mask_for(self.small, attention_mask, T, small_cache),
+                            position_ids=position_ids, cache=small_cache, use_cache=cache is not None)
 
         inputs, context = self.bridge.small_inputs(self, input_ids, attention_mask, position_ids, source_states, cache,
                                                    memory_ids, memory_mask)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-from llm_modules.gpt_neo_sdpa import GPTNeoSDPAAttention, use_sdpa
+from llm_modules.gpt_neo_sdpa import GPTNeoEagerAttention, GPTNeoSDPAAttention, no_host_copies, use_sdpa
 
 
 def tiny_neo(window: int = 4) -> GPTNeoForCausalLM:
@@ -73,3 +73,24 @@ def test_cached_decoding_matches_eager():
     ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(2))
     got = [m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0) for m in (eager, fast)]
     assert torch.equal(got[0], got[1])
+
+
+def test_eager_attention_without_host_copies_is_bit_for_bit_transformers():
+    """GPTNeoEagerAttention (what LLMModules builds) gives exactly transformers' eager logits and gradients, padded
+    or not, and use_sdpa still switches it."""
+    eager = tiny_neo(window=4)
+    ours = copy.deepcopy(eager)
+    assert no_host_copies(ours) == 2 and no_host_copies(ours) == 0
+    assert all(type(b.attn.attention) is GPTNeoEagerAttention for b in ours.transformer.h)
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    outs = []
+    for model in (eager, ours):
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits.logsumexp(-1).sum().backward()
+        outs.append((logits, [p.grad for p in model.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+    assert use_sdpa(ours) == 2
