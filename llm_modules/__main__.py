@@ -78,9 +78,9 @@ def cmd_eval(args, extra) -> int:
 
     if args.task:
         return _eval_tasks(args)
-    if args.large_only or args.limit or args.data_dir:
-        raise UserError("--large-only, --limit and --data-dir go with --task NAME (benchmarks); see llm-modules "
-                        "eval --help")
+    if args.large_only or args.limit or args.data_dir or args.hints:
+        raise UserError("--large-only, --limit, --data-dir and --hints go with --task NAME (benchmarks); see "
+                        "llm-modules eval --help")
     if args.harness_tasks:  # lm-evaluation-harness tasks (hellaswag, arc_easy, gsm8k, ... or local YAML tasks)
         from lm_eval.utils import make_table
 
@@ -116,14 +116,18 @@ def _eval_tasks(args) -> int:
     """`eval --task`: benchmarks (tasks.py) on a checkpoint or its large model alone; a table, JSONL and summary."""
     import shutil
 
-    from .tasks import default_out, evaluate_tasks, parse_task_names, summary_path, table, write_results
+    from .tasks import default_out, evaluate_tasks, parse_task_names, read_hints, summary_path, table, write_results
 
     names = parse_task_names(args.task)
+    shots, hints = args.num_fewshot or 0, read_hints(Path(args.hints)) if args.hints else None
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.large_only)
+    if not args.out and (shots or hints is not None):  # not the plain questions' answers file
+        out = out.with_name(out.stem + (f"-{shots}shot" if shots else "") + ("-hinted" if hints else "") + ".jsonl")
     resume_dir = out.with_name(f".{out.name}.progress")  # an interrupted run's finished batches: the rerun goes on
     rows, summaries = evaluate_tasks(args.checkpoint, names, large_only=args.large_only, data_dir=args.data_dir,
                                      limit=args.limit, batch_size=args.batch_size,
-                                     max_new_tokens=args.max_new_tokens, resume_dir=resume_dir)
+                                     max_new_tokens=args.max_new_tokens, resume_dir=resume_dir, shots=shots,
+                                     hints=hints)
     print(table(summaries))
     write_results(out, rows, summaries)
     shutil.rmtree(resume_dir, ignore_errors=True)
@@ -319,7 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  "also a summary JSON beside it, FILE.summary.json; default runs/eval/NAME.jsonl)")
     p.add_argument("--harness-tasks", help="run lm-evaluation-harness tasks instead (e.g. hellaswag,arc_easy,gsm8k)")
     p.add_argument("--include-path", help="a folder of extra lm-eval task YAMLs")
-    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--num-fewshot", type=int,
+                   help="--task facts: that many train facts of the question's relation answered before it (earlier "
+                        "chat turns; lm-eval's num_fewshot); --harness-tasks: lm-eval's own")
+    p.add_argument("--hints", help="--task facts: a larger model's answers file (eval --task facts --out FILE); each "
+                                   "question carries its answer to that question (the text hint baseline)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("experiment", help="knowledge transfer on real benchmarks: every arm (large alone, combined x 2 "

@@ -82,6 +82,10 @@ class Arm:
     starts_from: Optional[str] = None
     # Its part of a suite whose steps are split (Suite.memory_steps): a key of SHARES; None = all the suite's steps.
     share: Optional[str] = None
+    # The baselines of issue 48 (facts only; see the block "The baselines" below): few-shot examples in the questions
+    # (an untrained arm), and the arm (untrained, kind "large") whose answers are written into every question.
+    shots: int = 0
+    hints_from: Optional[str] = None
 
 
 ARMS = {a.name: a for a in (
@@ -483,9 +487,11 @@ def prepare_arm(cfg: LLMModulesConfig, arm: Arm, target_params: Optional[int], l
 
 
 def evaluate_arm(checkpoint: Path, tasks: dict, out: Path, *, large_only: bool, batch_size: int,
-                 max_new_tokens: Optional[int], load: Optional[Callable[[], tuple]] = None, log=print) -> list[dict]:
+                 max_new_tokens: Optional[int], load: Optional[Callable[[], tuple]] = None,
+                 prompt: Optional[dict] = None, log=print) -> list[dict]:
     """`eval --task` for `tasks` ({task: items}), once: the summary file is what a rerun finds, and an interrupted
-    generation task continues after its last finished batch. `load`: gives the loaded checkpoint (load_once)."""
+    generation task continues after its last finished batch. `load`: gives the loaded checkpoint (load_once).
+    `prompt`: how the facts questions are asked, {"shots", "hints"} of evaluate_tasks (facts_prompt)."""
     from .tasks import evaluate_tasks, progress_path, summary_path, write_results
 
     summaries = []
@@ -494,7 +500,8 @@ def evaluate_arm(checkpoint: Path, tasks: dict, out: Path, *, large_only: bool, 
         if not summary_path(answers).is_file():
             rows, summary = evaluate_tasks(str(checkpoint), [task], large_only=large_only, limit=limit,
                                            batch_size=batch_size, max_new_tokens=max_new_tokens, resume_dir=out,
-                                           loaded=load() if load else None, log=log)
+                                           loaded=load() if load else None, log=log,
+                                           **(prompt if prompt and task == "facts" else {}))
             write_results(answers, rows, summary)
             progress_path(out, task).unlink(missing_ok=True)
         summaries += json.loads(summary_path(answers).read_text())
@@ -581,6 +588,88 @@ def own_solutions(base: LLMModulesConfig, suite: Suite, out: Path, log=print) ->
     return path
 
 
+# ==== The baselines (issue 48, items 5-7) ======================================================================
+# What a practitioner would try before LLM Modules, each on the facts suites' data, steps and questions:
+#   the 1.5B model few-shot: 5 train facts of the question's relation as earlier chat turns, no training;
+#   the text hint: SmolLM2 fine-tuned (as smollm-ft-sentence) with the 1.5B model's own answer to each question in
+#       its prompt, in training (its answers to the train facts, answered once) and in the test (large-alone-1.5b's
+#       answers, the same file as that arm's evaluation);
+#   LoRA on the 1.5B model (as lora-sentence; the rank for the combined model's trainable count, reported).
+HINTS_FROM = "large-alone-1.5b"
+BASELINES = (
+    Arm("large-alone-1.5b-5shot", "large", {"large": LARGE_1_5B}, followup=True, shots=5,
+        note="the 1.5B model alone, not trained, each question after 5 train facts of its relation answered (few-shot "
+             "as chat turns; the same examples every run)"),
+    Arm("smollm-ft-sentence-hint-1.5b", "finetune", ARMS["smollm-ft-sentence"].over, method="full", base="small",
+        followup=True, hints_from=HINTS_FROM,
+        note="SmolLM2 fine-tuned on whole-sentence answers, every question (train and test) followed by the 1.5B "
+             "model's own answer to it (the text hint; its decode speed leaves out the 1.5B model's answer)"),
+    Arm("lora-sentence-1.5b", "finetune", _merge(ARMS["lora-sentence"].over, {"large": LARGE_1_5B}), method="lora",
+        base="large", followup=True, note="LoRA on the 1.5B model on whole-sentence facts answers (the rank for the "
+                                          "combined model's trainable count)"),
+)
+ARMS.update((a.name, a) for a in BASELINES)
+ARMS.update((a.name, a) for a in (_seeded(ARMS[n], s) for n in ("smollm-ft-sentence-hint-1.5b", "lora-sentence-1.5b")
+                                  for s in (1, 2)))
+
+
+def baseline_runs(arm: Arm, suite: Suite, log=print) -> bool:
+    """Whether `arm` runs in `suite`: the few-shot and hint arms ask facts questions, so only a suite testing facts."""
+    if (arm.shots or arm.hints_from) and "facts" not in suite.tests:
+        log(f"\n--- {suite.name} / {arm.name}: skipped (its few-shot examples or hints are for facts questions, "
+            f"which this suite does not test) ---")
+        return False
+    return True
+
+
+def hint_source(arm: Arm) -> Arm:
+    source = ARMS.get(arm.hints_from)
+    if source is None or source.kind != "large" or source.shots:
+        raise UserError(f"arm {arm.name} takes its hints from {arm.hints_from!r}, which is not an arm of the large "
+                        "model alone asked the plain questions (kind large, no shots)")
+    return source
+
+
+def hinted_records(base: LLMModulesConfig, suite: Suite, arm: Arm, suite_dir: Path, log=print) -> Path:
+    """The training conversations of a hint arm: the suite's train facts (the first data.max_examples, in the order
+    every facts arm reads them), each question followed by the large model's answer to it (Fact.question), answered
+    in the arm's data.facts_answer form. The large model (the arm's hints_from) answers the train facts once (task
+    facts_train, resumable as every evaluation) and the suite's test questions too (its own evaluation, which
+    facts_prompt reads back), both in its directory; the file is written once beside them."""
+    from .benchmark_data import facts_split, find_data_dir
+    from .files import atomic_write_text
+    from .tasks import read_hints
+
+    source = hint_source(arm)
+    cfg = arm_config(base, suite, source, suite_dir / source.name)
+    _, checkpoint, _, load = prepare_arm(cfg, source, None, log)
+    form = arm_config(base, suite, arm, suite_dir / arm.name).data.facts_answer
+    n = suite.data.get("max_examples")
+    path = suite_dir / source.name / f"facts_train.hinted-{form}{'' if n is None else f'-{n}'}.jsonl"
+    if not path.is_file():
+        log(f"  the hints of {arm.name}: {source.name} answers {n or 'all'} train facts and the "
+            f"{suite.tests['facts']} test questions")
+        evaluate_arm(checkpoint, {"facts_train": n, "facts": suite.tests["facts"]}, suite_dir / source.name / "eval",
+                     large_only=True, batch_size=16, max_new_tokens=suite.max_new_tokens, load=load, log=log)
+        said = read_hints(suite_dir / source.name / "eval" / "facts_train.jsonl")
+        train, _ = facts_split(find_data_dir(cfg.data.benchmark_dir, ["facts"]))
+        hinted = [f.messages(form, said[f"facts_train/{f.relation}/{f.subject}"]) for f in train[:n]]
+        atomic_write_text(path, "".join(json.dumps({"messages": m}) + "\n" for m in hinted))
+    return path
+
+
+def facts_prompt(arm: Arm, suite_dir: Path) -> Optional[dict]:
+    """How `arm`'s facts questions are asked (evaluate_arm's `prompt`): its few-shot examples, its hints (the
+    answers of its hints_from arm to the same questions, written by hinted_records); None: the plain questions."""
+    if not (arm.shots or arm.hints_from):
+        return None
+    from .tasks import read_hints
+
+    hints = read_hints(suite_dir / hint_source(arm).name / "eval" / "facts.jsonl") if arm.hints_from else None
+    return {"shots": arm.shots, "hints": hints}
+# ==== end of the baselines =====================================================================================
+
+
 # ---- the experiment -------------------------------------------------------------------------------------------
 def _earlier_results(path: Path) -> Optional[dict]:
     """The results.json of earlier runs in the same output directory, if it can be read."""
@@ -619,6 +708,10 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
                 continue
             receiver = train_receiver(base, suite, arm, out / name, log) if arm.starts_from else None
             solutions = own_solutions(base, suite, out / name, log) if arm.own_solutions else None
+            if not baseline_runs(arm, suite, log):  # the baselines of issue 48: facts only
+                continue
+            if arm.hints_from:
+                solutions = hinted_records(base, suite, arm, out / name, log)
             cfg = arm_config(base, suite, arm, d, solutions)
             log(f"\n--- {name} / {arm_name} ({time.perf_counter() - t_start:.0f} s) ---")
             trained, checkpoint, large_only, load = prepare_arm(cfg, arm, target, log)
@@ -629,7 +722,8 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
             tests = {**suite.tests, **(suite.extra_tests if arm_name in suite.extra_arms else {})}
             r["eval"] = {s["task"]: s for s in evaluate_arm(checkpoint, tests, d / "eval", large_only=large_only,
                                                             batch_size=16, max_new_tokens=suite.max_new_tokens,
-                                                            load=load, log=log)}
+                                                            load=load, prompt=facts_prompt(arm, out / name),
+                                                            log=log)}
             r["speed"] = speed_arm(load, d, large_only=large_only, speed=suite.speed)
             if arm.curve:
                 r["curve"] = curve_arm(d, suite, load, log)

@@ -18,7 +18,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .errors import UserError
 
@@ -28,6 +28,8 @@ TEST_FRACTION = 0.3
 # own sentence to complete. The training records of the train subjects use the same words.
 INSTRUCTION = "Complete the sentence with the missing words only."
 CAPITAL_TABLE = "country_capital"  # the relation name of country_capital.tsv
+# The text hint baseline: the large model's own answer to the same question, added to the question it is asked.
+HINT = "A larger model answered: {}"
 
 
 @dataclass(frozen=True)
@@ -42,16 +44,19 @@ class Fact:
         pick = int(hashlib.sha256(f"{self.relation}/{self.subject}".encode()).hexdigest(), 16) % len(self.templates)
         return self.templates[pick].format(self.subject)
 
-    def question(self) -> str:
-        return f"{INSTRUCTION}\n{self.sentence()}"
+    def question(self, hint: Optional[str] = None) -> str:
+        """The instruction and the sentence; with `hint` (a larger model's answer to the same question), that answer
+        on a line of its own after them (HINT), the same words in training and in the test."""
+        asked = f"{INSTRUCTION}\n{self.sentence()}"
+        return asked if hint is None else f"{asked}\n{HINT.format(' '.join(hint.split()) or '(nothing)')}"
 
-    def messages(self, answer: str = "object") -> list[dict]:
+    def messages(self, answer: str = "object", hint: Optional[str] = None) -> list[dict]:
         """The conversation of a training record: the question, then the object as the whole answer ("object") or
         the sentence completed by it ("sentence": "Rio de Janeiro is part of Brazil.", how the large model answers;
         `extract` reads the object back out of either)."""
         obj = self.objects[0]
         reply = obj if answer == "object" else f"{self.sentence()} {obj}{'' if obj.endswith('.') else '.'}"
-        return [{"role": "user", "content": self.question()}, {"role": "assistant", "content": reply}]
+        return [{"role": "user", "content": self.question(hint)}, {"role": "assistant", "content": reply}]
 
 
 def normalize(text: Optional[str]) -> str:
@@ -101,6 +106,22 @@ def prior_flags(fact: Fact, priors: dict[str, tuple[set, str]]) -> dict:
     seen, top = priors.get(fact.relation, (set(), ""))
     names = {normalize(o) for o in fact.objects}
     return {"answer_in_train": bool(names & seen), "prior_correct": top in names}
+
+
+def shots(train: list[Fact], k: int) -> Callable[[Fact], list[Fact]]:
+    """Few-shot examples: for a question, `k` train facts of its relation (never its own subject), the same ones
+    every run: the relation's train facts ordered by a hash of (the question's subject, theirs), the first k. A
+    relation with fewer than k other train facts gives them all."""
+    by_rel: dict[str, list[Fact]] = {}
+    for f in train:
+        by_rel.setdefault(f.relation, []).append(f)
+
+    def pick(fact: Fact) -> list[Fact]:
+        own = normalize(fact.subject)
+        pool = [f for f in by_rel.get(fact.relation, []) if normalize(f.subject) != own]
+        return sorted(pool, key=lambda f: hashlib.sha256(f"{fact.subject}/{f.subject}".encode()).hexdigest())[:k]
+
+    return pick
 
 
 def load_facts(root: Path) -> list[Fact]:

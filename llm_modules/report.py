@@ -177,15 +177,23 @@ def carried_table(out: Path) -> str:
 
 
 # ---- the summary table's statistics (issue 48): paired over seeds, Holm over the table ---------------------------
-# The baselines and what each is compared with on the same facts questions. An arm's seeds are rows of that arm:
-# ARM is seed 0, ARM-seedN seed N (experiment._seeded); an untrained arm (the large model alone, few-shot or not)
-# answers alike every time, so its one run is paired with each seed of the other arm.
-SUMMARY = (("lora-sentence-1.5b", "large-alone-1.5b"), ("lora-sentence-1.5b", "smollm-ft-sentence"),
+# The decisive suite's arms (experiment.DECISIVE: SmolLM2 fine-tuned on matched steps is smollm-ft-matched there) and
+# the baselines, each with what it is compared with on the same facts questions; a row appears where both arms were
+# evaluated in the suite, and Holm's family is the rows that appear. An arm's seeds are rows of that arm:
+# ARM is seed 0, ARM-seedN seed N (experiment._seeded); an untrained arm (no train.json: the large model alone,
+# few-shot or not) answers alike every time, so its one run is paired with each seed of the other arm.
+SUMMARY = (("fusion-smollm-ft-1.5b", "smollm-ft-matched"), ("fusion-smollm-ft-1.5b", "large-alone-1.5b"),
+           ("fusion-smollm-ft-1.5b", "lora-sentence-1.5b"),
+           ("prompt-smollm-sentence-2stage-every3-1.5b-matched", "smollm-ft-matched"),
+           ("combined-large-wide-sentence-1.5b", "smollm-ft-matched"),
+           ("smollm-ft-sentence-hint-1.5b", "smollm-ft-matched"), ("lora-sentence-1.5b", "smollm-ft-matched"),
+           ("lora-sentence-1.5b", "large-alone-1.5b"), ("lora-sentence-1.5b", "smollm-ft-sentence"),
            ("large-alone-1.5b-5shot", "large-alone-1.5b"), ("large-alone-1.5b-5shot", "smollm-ft-sentence"),
            ("smollm-ft-sentence-hint-1.5b", "smollm-ft-sentence"),
            ("smollm-ft-sentence-hint-1.5b", "large-alone-1.5b"))
-# The union ceiling: right with the small model fine-tuned alone or with the large model alone, item by item.
-UNION = ("smollm-ft-sentence", "large-alone-1.5b")
+# The union ceiling: right with the small model fine-tuned alone or with the large model alone, item by item (the
+# facts suite's SmolLM2 fine-tuned, the decisive suite's).
+UNIONS = (("smollm-ft-sentence", "large-alone-1.5b"), ("smollm-ft-matched", "large-alone-1.5b"))
 
 
 def holm(ps: list[float]) -> list[float]:
@@ -234,19 +242,13 @@ def seed_runs(out: Path, suite: str, arm: str, task: str) -> dict[int, str]:
     return dict(sorted(found.items()))
 
 
-def _untrained(arm: str) -> bool:
-    from .experiment import ARMS
-
-    return arm in ARMS and ARMS[arm].kind == "large"
-
-
 def pooled_pairs(out: Path, suite: str, task: str, a: str, b: str, keep=lambda r: True) -> dict:
     """The verdicts of A and B on the same items (`keep`: a subset), seed s of A with seed s of B, pooled over the
     seeds both have: {"seeds", "n", "both", "a_only", "b_only", "neither", "a_correct", "b_correct"}. An untrained
     arm's single run is paired with every seed of the other."""
     runs = [seed_runs(out, suite, arm, task) for arm in (a, b)]
     for i, arm in enumerate((a, b)):
-        if list(runs[i]) == [0] and _untrained(arm):
+        if list(runs[i]) == [0] and not (out / suite / arm / "train.json").is_file():  # not trained
             runs[i] = {s: runs[i][0] for s in runs[1 - i]} or runs[i]
     seeds = sorted(set(runs[0]) & set(runs[1]))
     c = {"seeds": seeds, "n": 0, "both": 0, "a_only": 0, "b_only": 0, "neither": 0}
@@ -296,7 +298,7 @@ def summary_table(out: Path, suite: str, task: str = "facts", comparisons=SUMMAR
     return "\n".join(lines)
 
 
-def union_line(out: Path, suite: str, task: str = "facts", pair=UNION) -> str:
+def union_line(out: Path, suite: str, task: str = "facts", pair=UNIONS[0]) -> str:
     """The union ceiling: the share of items right with either arm of `pair` (seed 0 of each), all and by subset:
     what a model that had both would answer."""
     rows = [{r["id"]: r for r in _rows(out / suite / arm / "eval" / f"{task}.jsonl")} for arm in pair]
@@ -444,8 +446,7 @@ def write_report(results: dict, out: Path) -> str:
                 parts.append("The baselines, paired on the same facts questions (seed s of an arm with seed s of the "
                              "other, pooled over seeds; Newcombe's paired 95% interval; exact sign test, Holm over "
                              "the table):\n\n" + table)
-            if line := union_line(out, suite):
-                parts.append(line)
+            parts += [line for pair in UNIONS if (line := union_line(out, suite, pair=pair))]
         if any(r.get("curve") for r in results["suites"][suite].values()):
             parts.append("Learning curves:\n\n" + curve_table(results, suite))
             plot_curves(results, out, suite, out / f"curves-{suite}.png")

@@ -10,6 +10,7 @@ docs/benchmarks-tasks.md; this file is the code that implements them.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import re
@@ -37,6 +38,10 @@ class Item:
     gold: str
     meta: dict = field(default_factory=dict)  # written with each answer (e.g. the relation of a fact)
     fact: Optional[facts_mod.Fact] = None
+    context: list = field(default_factory=list)  # turns before the question: few-shot examples (user, assistant)
+
+    def conversation(self) -> list[dict]:
+        return [*self.context, {"role": "user", "content": self.question}]
 
 
 @dataclass(frozen=True)
@@ -81,12 +86,55 @@ def _math500_judge(output: str, item: Item) -> tuple[Optional[str], bool]:
     return answer, bool(predicted) and bool(verify(parse(f"${item.gold}$"), predicted))
 
 
-def _facts_items(root: Optional[Path]) -> list[Item]:
+def _facts_items(root: Optional[Path], shots: int = 0, hints: Optional[dict[str, str]] = None,
+                 limit: Optional[int] = None) -> list[Item]:
+    """The held-out facts. `shots`: that many train facts of the question's relation before it, as earlier turns
+    answered with their objects (facts.shots; lm-eval's num_fewshot, as multi-turn chat); `hints`: {item id: a
+    larger model's answer}, added to each question (Fact.question). Neither: the questions every arm is asked.
+    `limit`: the first that many questions (only those need a hint)."""
     train, test = facts_split(root)
     priors = facts_mod.answer_priors(train)
-    return [Item(f"facts/{f.relation}/{f.subject}", f.question(), f.objects[0],
-                 {"relation": f.relation, "aliases": list(f.objects), **facts_mod.prior_flags(f, priors)}, f)
-            for f in test]
+    examples = facts_mod.shots(train, shots) if shots else None
+    items = []
+    for f in test[:limit]:
+        item_id = f"facts/{f.relation}/{f.subject}"
+        item = Item(item_id, f.question(_hint(hints, item_id)), f.objects[0],
+                    {"relation": f.relation, "aliases": list(f.objects), **facts_mod.prior_flags(f, priors)}, f)
+        if examples is not None:
+            chosen = examples(f)
+            item.context = [m for e in chosen for m in e.messages("object")]
+            item.meta["shots"] = [e.subject for e in chosen]
+        items.append(item)
+    return items
+
+
+def _facts_train_items(root: Optional[Path]) -> list[Item]:
+    """The train facts asked as the held-out ones are (not a benchmark: the large model's answers to them are the
+    text hint arm's training hints, experiment.hinted_records)."""
+    train, _ = facts_split(root)
+    return [Item(f"facts_train/{f.relation}/{f.subject}", f.question(), f.objects[0],
+                 {"relation": f.relation, "aliases": list(f.objects)}, f) for f in train]
+
+
+def _hint(hints: Optional[dict[str, str]], item_id: str) -> Optional[str]:
+    if hints is None:
+        return None
+    if item_id not in hints:
+        raise UserError(f"facts hints: no answer for {item_id}; the hints file must answer every question asked "
+                        "(evaluate the large model on at least as many questions, same --limit or more)")
+    return hints[item_id]
+
+
+def read_hints(path: Path) -> dict[str, str]:
+    """{item id: output} of an answers file written by `eval --task facts` (its JSONL): a larger model's answers,
+    the text hint arm's hints."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"facts hints: {path} does not exist; write it with `llm-modules eval --task facts "
+                        f"--large-only --checkpoint CONFIG --out {path}` (the experiment's large-alone-1.5b arm "
+                        "writes <out>/facts/large-alone-1.5b/eval/facts.jsonl)")
+    rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return {r["id"]: r["output"] for r in rows if "output" in r}
 
 
 def _facts_judge(output: str, item: Item) -> tuple[Optional[str], bool]:
@@ -102,6 +150,9 @@ GENERATION_TASKS = {
     # on (experiment.own_solutions: the large model's answers that reach the right number, rejection sampling).
     "gsm8k_train": GenerationTask("gsm8k_train", "exact match of the final number (GSM8K train problems)", 256, (),
                                   functools.partial(_gsm8k_items, split="train"), _gsm8k_judge),
+    # The train subjects' facts under the same protocol: not a benchmark (see _facts_train_items).
+    "facts_train": GenerationTask("facts_train", "exact match (normalized) on the train subjects", 32, ("\n",),
+                                  _facts_train_items, _facts_judge),
     "math500": GenerationTask("math500", "Math-Verify equivalence of the final answer", 512, (), _math500_items,
                               _math500_judge),
 }
@@ -250,9 +301,12 @@ def run_generation(task: GenerationTask, generator, items: list[Item], batch_siz
     the batches are those of one uninterrupted run, so are the answers, and the timing sums both runs' batches.
     The caller removes the file once it has written the answers."""
     budget = max_new_tokens or task.max_new_tokens
-    order = sorted(range(len(items)), key=lambda i: -len(items[i].question))
+    order = sorted(range(len(items)), key=lambda i: -sum(len(m["content"]) for m in items[i].conversation()))
     key = {"task": task.name, "model": model, "ids": [items[i].id for i in order], "batch_size": batch_size,
            "budget": budget}
+    if any(item.context or item.question != (item.fact.question() if item.fact else item.question)
+           for item in items):  # few-shot or hinted prompts: a progress file of plain ones is not theirs
+        key["prompts"] = hashlib.sha256(json.dumps([i.conversation() for i in items]).encode()).hexdigest()
     done = _finished_batches(progress, key)
     position = {item.id: i for i, item in enumerate(items)}
     rows: list[Optional[dict]] = [None] * len(items)
@@ -261,8 +315,7 @@ def run_generation(task: GenerationTask, generator, items: list[Item], batch_siz
     starts = range(len(done) * batch_size, len(order), batch_size)
     for start in tqdm(starts, desc=task.name, leave=False, initial=len(done), total=len(done) + len(starts)):
         idx, t0 = order[start:start + batch_size], time.perf_counter()
-        outs = generator.generate([[{"role": "user", "content": items[i].question}] for i in idx],
-                                  budget, task.stop)
+        outs = generator.generate([items[i].conversation() for i in idx], budget, task.stop)
         for i, (text, n) in zip(idx, outs):
             answer, correct = task.judge(text, items[i])
             rows[i] = {"task": task.name, "id": items[i].id, "question": items[i].question, "output": text,
@@ -355,18 +408,24 @@ def run_loglikelihood(names: list[str], lm, root: Optional[Path], limit: Optiona
 # ---- the command -----------------------------------------------------------------------------------------------
 def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = False, data_dir: Optional[str] = None,
                    limit: Optional[int] = None, batch_size: int = 16, max_new_tokens: Optional[int] = None,
-                   resume_dir: Optional[Path] = None, loaded: Optional[tuple] = None,
-                   log=print) -> tuple[list[dict], list[dict]]:
+                   resume_dir: Optional[Path] = None, loaded: Optional[tuple] = None, shots: int = 0,
+                   hints: Optional[dict[str, str]] = None, log=print) -> tuple[list[dict], list[dict]]:
     """Run benchmark `names` on a checkpoint (or its large model alone); (per-item rows, one summary per task).
     `max_new_tokens` replaces the generation tasks' own budgets (facts 32, gsm8k 256, math500 512). With
     `resume_dir`, the generation tasks record their finished batches there (progress_path) and continue after them.
-    `loaded`: load_for_eval(checkpoint, large_only) done already (a caller evaluating one model several times)."""
+    `loaded`: load_for_eval(checkpoint, large_only) done already (a caller evaluating one model several times).
+    `shots`, `hints`: the facts task's few-shot examples and text hints (_facts_items)."""
     from .loading import load_for_eval
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: give a positive number of items per task")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give a positive integer")
+    if shots < 0:
+        raise UserError(f"--num-fewshot {shots}: give 0 or a positive number of examples")
+    if (shots or hints is not None) and names != ["facts"]:
+        raise UserError(f"--num-fewshot and hints are for --task facts alone (asked: {', '.join(names)}); run the "
+                        "other tasks in a command of their own")
     root = find_data_dir(data_dir, names)
     loaded = loaded or load_for_eval(checkpoint, large_only)
     generator = generator_for(loaded[0].eval(), loaded[1], loaded[2], large_only)
@@ -374,7 +433,7 @@ def evaluate_tasks(checkpoint: str, names: list[str], *, large_only: bool = Fals
     summaries: list[dict] = []
     for name in [n for n in names if n in GENERATION_TASKS]:
         task = GENERATION_TASKS[name]
-        items = task.load(root)[:limit]
+        items = (task.load(root, shots, hints, limit) if shots or hints is not None else task.load(root)[:limit])
         log(f"{name}: {len(items)} items, greedy, at most {max_new_tokens or task.max_new_tokens} new tokens, "
             f"batch {batch_size}")
         got, timing = run_generation(task, generator, items, batch_size, max_new_tokens,

@@ -25,6 +25,8 @@ def test_the_paired_interval_matches_newcombes_published_example():
 def write(out, arm, flags, suite="facts", unseen=(0,)):
     d = out / suite / arm / "eval"
     d.mkdir(parents=True)
+    if not arm.startswith("large-alone"):  # a trained arm (the large model alone is not)
+        (d.parent / "train.json").write_text("{}")
     (d / "facts.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "correct": c, "answer_in_train": i not in unseen})
                                            + "\n" for i, c in enumerate(flags)))
 
@@ -42,6 +44,8 @@ def test_pooling_pairs_seed_s_with_seed_s_and_an_untrained_arm_with_every_seed(t
     write(tmp_path, "large-alone-1.5b", [0, 1, 1, 0])  # the large model alone: one run, the same for every seed
     c = pooled_pairs(tmp_path, "facts", "facts", "lora-sentence-1.5b", "large-alone-1.5b")
     assert c["seeds"] == [0, 1, 2] and c["n"] == 12
+    write(tmp_path, "lora-sentence", [1, 0, 0, 0])  # a trained arm of one seed: paired with seed 0 only
+    assert pooled_pairs(tmp_path, "facts", "facts", "lora-sentence-1.5b", "lora-sentence")["seeds"] == [0]
     assert (c["both"], c["a_only"], c["b_only"], c["neither"]) == (1 + 0 + 2, 1 + 0 + 2, 1 + 2 + 0, 1 + 2 + 0)
     unseen = pooled_pairs(tmp_path, "facts", "facts", "lora-sentence-1.5b", "smollm-ft-sentence",
                           lambda r: not r["answer_in_train"])
