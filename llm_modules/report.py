@@ -244,29 +244,49 @@ def seed_runs(out: Path, suite: str, arm: str, task: str) -> dict[int, str]:
 
 def pooled_pairs(out: Path, suite: str, task: str, a: str, b: str, keep=lambda r: True) -> dict:
     """The verdicts of A and B on the same items (`keep`: a subset), seed s of A with seed s of B, pooled over the
-    seeds both have: {"seeds", "n", "both", "a_only", "b_only", "neither", "a_correct", "b_correct"}. An untrained
-    arm's single run is paired with every seed of the other."""
+    seeds both have: {"seeds", "n", "both", "a_only", "b_only", "neither", "a_correct", "b_correct"}, and per question
+    the mean over seeds of (A right) - (B right): "questions", "a_better" / "b_better" (questions whose mean is above /
+    below 0), "cluster_ci" (questions_interval). An untrained arm's single run is paired with every seed of the
+    other."""
     runs = [seed_runs(out, suite, arm, task) for arm in (a, b)]
     for i, arm in enumerate((a, b)):
         if list(runs[i]) == [0] and not (out / suite / arm / "train.json").is_file():  # not trained
             runs[i] = {s: runs[i][0] for s in runs[1 - i]} or runs[i]
     seeds = sorted(set(runs[0]) & set(runs[1]))
     c = {"seeds": seeds, "n": 0, "both": 0, "a_only": 0, "b_only": 0, "neither": 0}
+    per_question: dict[str, list[int]] = {}
     for s in seeds:
         ra, rb = ({r["id"]: r for r in _rows(out / suite / runs[k][s] / "eval" / f"{task}.jsonl")} for k in (0, 1))
         for i in (i for i, r in ra.items() if keep(r) and i in rb):
             x, y = bool(ra[i]["correct"]), bool(rb[i]["correct"])
             c["n"] += 1
             c["both" if x and y else "a_only" if x else "b_only" if y else "neither"] += 1
-    c["a_correct"], c["b_correct"] = c["both"] + c["a_only"], c["both"] + c["b_only"]
+            per_question.setdefault(i, []).append(x - y)
+    means = [sum(d) / len(d) for d in per_question.values()]
+    c.update(a_correct=c["both"] + c["a_only"], b_correct=c["both"] + c["b_only"], questions=len(means),
+             a_better=sum(m > 0 for m in means), b_better=sum(m < 0 for m in means),
+             cluster_ci=questions_interval(means))
     return c
+
+
+def questions_interval(means: list[float], z: float = 1.96) -> list[float]:
+    """95% interval of the mean of per-question differences (each question's mean over seeds): mean +- z * their
+    standard deviation / sqrt(questions), questions as the unit (a question's seeds are not independent draws, so
+    this is the interval to read when there are several seeds; with one seed it is the paired Wald interval)."""
+    q = len(means)
+    if q < 2:
+        return [-1.0, 1.0]
+    m = sum(means) / q
+    half = z * math.sqrt(sum((x - m) ** 2 for x in means) / (q - 1) / q)
+    return [max(-1.0, m - half), min(1.0, m + half)]
 
 
 def summary_stats(out: Path, suite: str, task: str, comparisons=SUMMARY) -> list[dict]:
     """One row per (comparison, subset) with both arms evaluated: the pooled pairs (pooled_pairs), the difference
-    in points with its 95% interval (paired_difference), the exact sign test's p on the discordant pairs
-    (sign_test) and Holm's adjusted p over every row of the table (holm). Pooling treats the seeds' pairs as
-    independent draws: it measures A against B on these questions over these training seeds."""
+    in points with its 95% interval from the pooled pairs (paired_difference, Newcombe's; pooling treats the seeds'
+    pairs as independent draws) and with questions as the unit (questions_interval), the exact sign test's p over
+    questions (those A does better on, over its seeds, against those B does; with one seed, the discordant pairs:
+    exact McNemar) and Holm's adjusted p over every row of the table (holm)."""
     rows = []
     for a, b in comparisons:
         for name, keep in subsets(task):
@@ -275,7 +295,7 @@ def summary_stats(out: Path, suite: str, task: str, comparisons=SUMMARY) -> list
                 continue
             d, ci = paired_difference(c["a_only"], c["b_only"], c["both"], c["neither"])
             rows.append({"arm": a, "compared_with": b, "subset": name, **c, "difference": d, "ci95": ci,
-                         "p": sign_test(c["a_only"], c["b_only"])})
+                         "p": sign_test(c["a_better"], c["b_better"])})
     for r, p in zip(rows, holm([r["p"] for r in rows])):
         r["p_holm"] = p
     return rows
@@ -286,15 +306,15 @@ def summary_table(out: Path, suite: str, task: str = "facts", comparisons=SUMMAR
     rows = summary_stats(out, suite, task, comparisons)
     if not rows:
         return ""
-    lines = ["| arm | compared with | items | seeds | arm right | other right | difference, points [95% CI] | "
-             "right only in the arm | right only in the other | p (sign test) | p (Holm) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | compared with | items (questions x seeds) | seeds | arm right | other right | difference, points "
+             "[95% CI, pooled pairs] | [95% CI, questions as units] | questions better with the arm | with the other "
+             "| p (sign test over questions) | p (Holm) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        pts = [f"{100 * x:+.1f}" for x in (r["difference"], *r["ci95"], *r["cluster_ci"])]
         lines.append(f"| {r['arm']} | {r['compared_with']} | {r['subset']} ({r['n']}) | "
                      f"{', '.join(map(str, r['seeds']))} | {r['a_correct'] / r['n']:.3f} | "
-                     f"{r['b_correct'] / r['n']:.3f} | {100 * r['difference']:+.1f} [{100 * r['ci95'][0]:+.1f}, "
-                     f"{100 * r['ci95'][1]:+.1f}] | {r['a_only']} | {r['b_only']} | {r['p']:.4f} | "
-                     f"{r['p_holm']:.4f} |")
+                     f"{r['b_correct'] / r['n']:.3f} | {pts[0]} [{pts[1]}, {pts[2]}] | [{pts[3]}, {pts[4]}] | "
+                     f"{r['a_better']} | {r['b_better']} | {r['p']:.4f} | {r['p_holm']:.4f} |")
     return "\n".join(lines)
 
 
@@ -310,6 +330,18 @@ def union_line(out: Path, suite: str, task: str = "facts", pair=UNIONS[0]) -> st
         either = proportion([rows[0][i]["correct"] or rows[1][i]["correct"] for i in ids])
         parts.append(f"{name}: {proportion_text(either)}")
     return f"The union ceiling (right with {pair[0]} or with {pair[1]}, item by item): " + "; ".join(parts) + "."
+
+
+def hints_cost_line(out: Path, suite: str) -> str:
+    """What the text hint arms' training hints cost: the large model answering the train facts (task facts_train,
+    experiment.hinted_records), which their train minutes leave out; their test hints are that model's own
+    evaluation, in its row."""
+    parts = []
+    for path in sorted((out / suite).glob("*/eval/facts_train.summary.json")):
+        (s,) = json.loads(path.read_text())
+        parts.append(f"{path.parent.parent.name} answered {s['n']} train facts in {s['seconds'] / 60:.1f} min")
+    return ("The text hint's training hints (not in the hint arms' train minutes): " + "; ".join(parts) + "."
+            if parts else "")
 
 
 def cost_line(results: dict, suite: str) -> str:
@@ -438,14 +470,17 @@ def write_report(results: dict, out: Path) -> str:
                          "their prior on the same questions: "
                          + _acc(restricted(out, suite, "large-alone", rels, "prior_correct")) + ".")
         parts.append(cost_line(results, suite))
+        if line := hints_cost_line(out, suite):
+            parts.append(line)
         parts += paired_sections(results, out, suite)
         if suite == "facts" and (table := carried_table(out)):
             parts.append("Knowledge only the large model has, carried to the arm reading it:\n\n" + table)
         if "facts" in evaluated_tasks(results, suite):
             if table := summary_table(out, suite):
-                parts.append("The baselines, paired on the same facts questions (seed s of an arm with seed s of the "
-                             "other, pooled over seeds; Newcombe's paired 95% interval; exact sign test, Holm over "
-                             "the table):\n\n" + table)
+                parts.append("The summary comparisons, paired on the same facts questions (seed s of an arm with "
+                             "seed s of the other; Newcombe's paired 95% interval on the pooled pairs, and the "
+                             "interval with questions as units; exact sign test over questions, Holm over the "
+                             "table):\n\n" + table)
             parts += [line for pair in UNIONS if (line := union_line(out, suite, pair=pair))]
         if any(r.get("curve") for r in results["suites"][suite].values()):
             parts.append("Learning curves:\n\n" + curve_table(results, suite))

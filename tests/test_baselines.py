@@ -235,6 +235,9 @@ def test_quick_experiment_runs_the_baselines_and_reports_them(tmp_path, monkeypa
     assert "| lora-sentence-1.5b | large-alone-1.5b | all (4) | 0 |" in report
     assert "| large-alone-1.5b-5shot | large-alone-1.5b | all (4) | 0 |" in report
     assert "eval min" in report
+    minutes = json.loads((source / "eval" / "facts_train.summary.json").read_text())[0]["seconds"] / 60
+    assert (f"The text hint's training hints (not in the hint arms' train minutes): large-alone-1.5b answered 24 "
+            f"train facts in {minutes:.1f} min.") in report
     capsys.readouterr()
     assert main(["experiment", "--quick", "--config", "configs/tiny-random.yaml", "--suites", "gsm8k", "--arms",
                  f"{hint},large-alone-1.5b-5shot", "--output-dir", str(out)]) == 0

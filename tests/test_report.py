@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from llm_modules.report import holm, paired_difference, pooled_pairs, summary_stats, summary_table, union_line
+from llm_modules.report import (holm, paired_difference, pooled_pairs, questions_interval, summary_stats, summary_table,
+                                union_line)
 
 
 def test_holm_adjusts_a_known_example_and_keeps_the_input_order():
@@ -38,9 +39,11 @@ def test_pooling_pairs_seed_s_with_seed_s_and_an_untrained_arm_with_every_seed(t
     write(tmp_path, "smollm-ft-sentence", [1, 0, 0, 0])
     write(tmp_path, "smollm-ft-sentence-seed1", [1, 1, 1, 1])
     c = pooled_pairs(tmp_path, "facts", "facts", "lora-sentence-1.5b", "smollm-ft-sentence")
-    # seed 0: q0 both, q1 A only, q2-3 neither; seed 1: all four B only
+    # seed 0: q0 both, q1 A only, q2-3 neither; seed 1: all four B only. Per question over the seeds: q0 -1/2, q1 0,
+    # q2 -1/2, q3 -1/2.
+    means = [-0.5, 0.0, -0.5, -0.5]
     assert c == {"seeds": [0, 1], "n": 8, "both": 1, "a_only": 1, "b_only": 4, "neither": 2, "a_correct": 2,
-                 "b_correct": 5}
+                 "b_correct": 5, "questions": 4, "a_better": 0, "b_better": 3, "cluster_ci": questions_interval(means)}
     write(tmp_path, "large-alone-1.5b", [0, 1, 1, 0])  # the large model alone: one run, the same for every seed
     c = pooled_pairs(tmp_path, "facts", "facts", "lora-sentence-1.5b", "large-alone-1.5b")
     assert c["seeds"] == [0, 1, 2] and c["n"] == 12
@@ -50,6 +53,18 @@ def test_pooling_pairs_seed_s_with_seed_s_and_an_untrained_arm_with_every_seed(t
     unseen = pooled_pairs(tmp_path, "facts", "facts", "lora-sentence-1.5b", "smollm-ft-sentence",
                           lambda r: not r["answer_in_train"])
     assert unseen["n"] == 2 and unseen["both"] == 1 and unseen["b_only"] == 1  # q0 of seeds 0 and 1
+
+
+def test_the_interval_with_questions_as_units_is_the_mean_plus_minus_z_standard_errors():
+    # means 1, 1, 0, -1: mean 0.25, sample variance 2.75 / 3, standard error sqrt(0.9167 / 4) = 0.4787
+    lo, hi = questions_interval([1.0, 1.0, 0.0, -1.0])
+    assert (round(lo, 4), hi) == (round(0.25 - 1.96 * 0.478714, 4), 1.0)  # capped at 1
+    lo, hi = questions_interval([0.5, 0.0, 0.5, 0.0])
+    assert (lo + hi) / 2 == pytest.approx(0.25) and hi - lo == pytest.approx(2 * 1.96 * (1 / 12) ** 0.5 / 2)
+    # one seed: the paired Wald interval (with the sample variance): 10 of 20 A only, the rest level
+    d = [1.0] * 10 + [0.0] * 10
+    assert questions_interval(d) == pytest.approx([0.5 - 1.96 * (0.25 * 20 / 19 / 20) ** 0.5,
+                                                   0.5 + 1.96 * (0.25 * 20 / 19 / 20) ** 0.5])
 
 
 def test_the_summary_table_has_a_row_per_comparison_and_subset_with_holm_over_all_rows(tmp_path):
@@ -66,6 +81,7 @@ def test_the_summary_table_has_a_row_per_comparison_and_subset_with_holm_over_al
     assert [r["p_holm"] for r in rows] == pytest.approx(holm([r["p"] for r in rows]))
     table = summary_table(tmp_path, "facts").splitlines()
     assert table[2].startswith("| lora-sentence-1.5b | large-alone-1.5b | all (20) | 0 | 0.600 | 0.100 | +50.0 [")
+    assert rows[0]["a_better"] == rows[0]["a_only"] == 10 and rows[0]["b_better"] == 0  # one seed: the same counts
     assert table[2].endswith(f"| 10 | 0 | 0.0020 | {rows[0]['p_holm']:.4f} |") and len(table) == 6
 
 
