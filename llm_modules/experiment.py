@@ -255,8 +255,9 @@ QUICK = {
 # attention's own steps, counted for every arm. The residual fusion (coupling: prompt on SmolLM2 fine-tuned, frozen)
 # spends the pass on its receiver's fine-tuning and the rest on its memory attention; SmolLM2 fine-tuned continues
 # from that same receiver for the same rest; the two-stage prompt arm trains its memory attention alone for the
-# rest's length first, then SmolLM2 with it for a pass; the stream arm trains all the steps. All 2,912 held-out
-# questions; seeds 0, 1, 2 (`-seed1`, `-seed2`).
+# rest's length first, then SmolLM2 with it for a pass; the stream arm and the baselines' trained arms (the text hint,
+# LoRA on the 1.5B model: the baselines' block below) train all the steps. All 2,912 held-out questions; seeds 0, 1, 2
+# (`-seed1`, `-seed2`), one for the baselines (the 1.5B model alone, few-shot, the hint, LoRA; report.SUMMARY).
 FACTS_TRAIN = 6607  # facts of the train subjects (6,955 after deduplication) less the 5% validation split (tested)
 FACTS_HELD_OUT = 2912  # every question about a held-out subject (tested against the data)
 DECISIVE_BATCH = 16
@@ -269,11 +270,15 @@ SHARES = {  # Arm.share -> its train.* steps in a split suite (s.steps = one pas
 }
 # The residual fusion: SmolLM2 fine-tuned for one pass (its checkpoint, set by the experiment), frozen, with gated
 # memory attention after every 2nd of its 30 blocks (15 layers: the 10- and 15-layer arms were level; 30 would cost
-# about twice as much) reading a middle layer of the 1.5B model (factual recall peaks there) and its last; gates at 0, so at
-# step 0 it answers exactly as the receiver does.
+# about twice as much) reading a middle layer of the 1.5B model (factual recall peaks there) and its last; gates at
+# 0, so at step 0 it answers exactly as the receiver does.
 FUSION_1_5B = _merge(PROMPT_OPEN_1_5B, {"large": {"layers": [14, -1]}, "bridge": {"every": 2},
                                         "train": {"lr_small": 0.0}})
 SMOLLM_FT_SENTENCE = ARMS["smollm-ft-sentence"].over
+# The baselines of the same table, one seed each (defined in the baselines' block below; the hint arm reads the 1.5B
+# model alone's answers, so that arm comes first).
+DECISIVE_BASELINES = ("large-alone-1.5b", "large-alone-1.5b-5shot", "smollm-ft-sentence-hint-1.5b",
+                      "lora-sentence-1.5b")
 DECISIVE = (
     Arm("smollm-ft-receiver", "finetune", SMOLLM_FT_SENTENCE, method="full", base="small", share="receiver",
         followup=True, note="SmolLM2-135M-Instruct fine-tuned alone on the sentences for one pass: the receiver the "
@@ -296,7 +301,7 @@ ARMS.update((a.name, a) for a in (_seeded(arm, seed) for arm in DECISIVE for see
 SUITES["facts-decisive"] = replace(
     SUITES["facts"], name="facts-decisive", steps=PASS + MEMORY_STEPS, memory_steps=MEMORY_STEPS,
     batch_size=DECISIVE_BATCH, tests={"facts": FACTS_HELD_OUT}, named_only=True,
-    arms=tuple(f"{a.name}{s}" for a in DECISIVE[1:] for s in ("", "-seed1", "-seed2")))
+    arms=(*(f"{a.name}{s}" for a in DECISIVE[1:] for s in ("", "-seed1", "-seed2")), *DECISIVE_BASELINES))
 QUICK["facts-decisive"] = replace(SUITES["facts-decisive"], data=QUICK["facts"].data, steps=4, memory_steps=2,
                                   batch_size=8, tests={"facts": 16}, curve_task=("facts", 8), curve_points=1,
                                   speed=(8, 1, 16))

@@ -70,7 +70,8 @@ def test_at_step_0_the_fusion_answers_exactly_as_its_fine_tuned_receiver(receive
         b = alone(theirs, attention_mask=torch.ones_like(theirs), position_ids=torch.arange(T).expand(2, T),
                   use_cache=False).logits[:, -1]
         assert torch.equal(a, b)  # exactly: tanh(0) == 0 closes every memory layer
-        ours, theirs = torch.cat([ours, a.argmax(-1, keepdim=True)], 1), torch.cat([theirs, b.argmax(-1, keepdim=True)], 1)
+        ours = torch.cat([ours, a.argmax(-1, keepdim=True)], 1)
+        theirs = torch.cat([theirs, b.argmax(-1, keepdim=True)], 1)
     assert torch.equal(ours, theirs)
 
 
@@ -170,8 +171,9 @@ def test_the_decisive_suite_asks_every_held_out_question_and_its_pass_covers_eve
 def test_the_decisive_arms_split_the_steps_and_start_from_their_receiver(tmp_path):
     base = LLMModulesConfig.from_yaml("configs/default.yaml")
     suite = SUITES["facts-decisive"]
-    assert set(suite.arms) <= set(ARMS)
-    cfg = {n: arm_config(base, suite, ARMS[n], tmp_path / n) for n in (*suite.arms, "smollm-ft-receiver")}
+    assert set(suite.arms) <= set(ARMS) and set(experiment.DECISIVE_BASELINES) <= set(suite.arms)
+    cfg = {n: arm_config(base, suite, ARMS[n], tmp_path / n) for n in (*suite.arms, "smollm-ft-receiver")
+           if ARMS[n].kind != "large"}
     steps = {n: c.train.max_steps for n, c in cfg.items()}
     receiver = steps["smollm-ft-receiver"]
     assert receiver == experiment.PASS  # the receiver: one full pass
@@ -185,6 +187,7 @@ def test_the_decisive_arms_split_the_steps_and_start_from_their_receiver(tmp_pat
     assert (fusion.coupling, fusion.large.layers, fusion.bridge.every, fusion.train.lr_small) == (
         "prompt", [14, -1], 2, 0.0)
     assert fusion.large.name_or_path == "qwen2.5-coder-1.5b-instruct" and fusion.data.facts_answer == "sentence"
+    assert steps["lora-sentence-1.5b"] == suite.steps
     for n, c in ((a.name, cfg[a.name]) for a in experiment.DECISIVE):  # seeds 1, 2: only seeds and receiver differ
         for seed in (1, 2):
             twin = arm_config(base, suite, ARMS[f"{n}-seed{seed}"], tmp_path / f"{n}-seed{seed}").to_dict()
