@@ -221,9 +221,15 @@ class TrainConfig:
     # at the last step (max_steps, the learning-rate schedule's horizon too). None = distill_weight throughout.
     distill_weight_end: Optional[float] = None
     distill_decay_from: int = 0
+    # The training loss through the head 512 positions at a time (losses.chunked_cross_entropy): the (N, V) logits
+    # are never held whole (at V = 151,936 and 4,096 positions, 2.5 GB in fp32); the head's matmul runs once more.
+    chunked_loss: bool = False
 
     def problems(self, where: str) -> list[str]:
         out = []
+        if self.chunked_loss and (self.distill_weight > 0 or (self.distill_weight_end or 0) > 0):
+            out.append(f"{where}.chunked_loss: distillation (distill_weight > 0) needs the head's logits at every "
+                       "target position; set chunked_loss: false")
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 out.append(f"{where}.{name}: {getattr(self, name)} must be >= 1")

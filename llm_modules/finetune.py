@@ -61,7 +61,7 @@ HEAD_ONLY_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gpt2", "gpt_neo")
 # train.* fields that do not change what a baseline run computes (a finished run is not redone for them).
 TRAIN_IRRELEVANT = ("output_dir", "lr_bridge", "lr_gate", "save_every", "feature_cache", "feature_dtype",
                     "feature_cache_dir", "tensorboard", "num_threads", "distill_weight", "distill_temperature",
-                    "distill_weight_end", "distill_decay_from")
+                    "distill_weight_end", "distill_decay_from", "chunked_loss")
 
 
 # ---- LoRA rank --------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from .couplings import COUPLINGS
 from .errors import UserError, collect
 from .gpt_neo_sdpa import no_host_copies
 from .kv_cache import LLMModulesCache
+from .losses import chunked_cross_entropy
 
 # The trainable part, by top-level submodule; the optimizer, the checkpoint and the tests use this one definition.
 TRAINABLE = ("bridge", "small", "lm_head")
@@ -189,14 +190,17 @@ class LLMModules(nn.Module):
         return_logits: bool = True,
         memory_ids: Optional[torch.Tensor] = None,
         memory_mask: Optional[torch.Tensor] = None,
+        chunked_loss: bool = False,
     ) -> LLMModulesOutput:
         """input_ids (B, T): the new tokens (all of them without a cache); attention_mask (B, P + T) covers the
         cached and the new positions (Hugging Face convention); source_states replaces the large model (feature
         cache): (B, T, D_L) for the stream coupling, (B, M, D_L) memory states for the prompt coupling; labels (B, T)
         are shifted inside; cache is updated in place; logits_to_keep > 0 computes the head for the last positions
         only (decoding); return_logits=False with labels runs the head only where a label is taken (prompt and
-        padding positions skip the V-way projection; same loss). memory_ids / memory_mask (B, M): the prompt in the
-        large model's tokenizer (coupling "prompt"; not needed once the cache holds the memory)."""
+        padding positions skip the V-way projection; same loss), and with chunked_loss=True (train.chunked_loss) holds
+        no more than a chunk of those logits at a time (losses.py; target_logits is then None). memory_ids /
+        memory_mask (B, M): the prompt in the large model's tokenizer (coupling "prompt"; not needed once the cache
+        holds the memory)."""
         ref = input_ids if input_ids is not None else source_states
         if ref is None:
             raise ValueError("give input_ids or source_states")
@@ -223,8 +227,12 @@ class LLMModules(nn.Module):
         if labels is not None and not return_logits:
             targets = labels[:, 1:]
             keep = targets != -100  # (B, T-1)
-            logits_t = self.lm_head(h[:, :-1][keep])  # (N, V): only where a label is taken
-            loss_sum = F.cross_entropy(logits_t.float(), targets[keep], reduction="sum")
+            if chunked_loss:  # the (N, V) logits are never whole
+                logits_t = None
+                loss_sum = chunked_cross_entropy(h[:, :-1][keep], targets[keep], self.lm_head)
+            else:
+                logits_t = self.lm_head(h[:, :-1][keep])  # (N, V): only where a label is taken
+                loss_sum = F.cross_entropy(logits_t.float(), targets[keep], reduction="sum")
             n = int(keep.sum())
             return LLMModulesOutput(logits=None, loss=loss_sum / max(n, 1), cache=cache, loss_sum=loss_sum,
                                     num_targets=n, target_logits=logits_t)

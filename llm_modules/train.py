@@ -395,7 +395,7 @@ def _loss_sum(run: Run, split: str, indices: list[int], pad: int, training: bool
     try:
         out = run.model(batch["input_ids"], batch["attention_mask"], batch["labels"],
                         source_states=source if COUPLINGS[run.cfg.coupling].reads_large else None, return_logits=False,
-                        **memory)
+                        chunked_loss=run.cfg.train.chunked_loss, **memory)
         if training and run.objective:
             return run.objective(out, source, batch["labels"], run.progress.step)
         return out.loss_sum
