@@ -194,6 +194,8 @@ SUMMARY = (("fusion-smollm-ft-1.5b", "smollm-ft-matched"), ("fusion-smollm-ft-1.
 # The union ceiling: right with the small model fine-tuned alone or with the large model alone, item by item (the
 # facts suite's SmolLM2 fine-tuned, the decisive suite's).
 UNIONS = (("smollm-ft-sentence", "large-alone-1.5b"), ("smollm-ft-matched", "large-alone-1.5b"))
+# Arms set against that ceiling, item by item (does LoRA on the 1.5B model, or the fusion, already reach it?).
+TO_CEILING = ("lora-sentence-1.5b", "fusion-smollm-ft-1.5b")
 
 
 def holm(ps: list[float]) -> list[float]:
@@ -330,6 +332,24 @@ def union_line(out: Path, suite: str, task: str = "facts", pair=UNIONS[0]) -> st
         either = proportion([rows[0][i]["correct"] or rows[1][i]["correct"] for i in ids])
         parts.append(f"{name}: {proportion_text(either)}")
     return f"The union ceiling (right with {pair[0]} or with {pair[1]}, item by item): " + "; ".join(parts) + "."
+
+
+def ceiling_line(out: Path, suite: str, arm: str, task: str = "facts", pair=UNIONS[0]) -> str:
+    """`arm` (seed 0) against the union ceiling of `pair` on the same items: the difference in points with its
+    paired 95% interval (paired_difference) and the exact sign test's p, on all items and by subset."""
+    rows = [{r["id"]: r for r in _rows(out / suite / name / "eval" / f"{task}.jsonl")} for name in (arm, *pair)]
+    if not all(rows):
+        return ""
+    parts = []
+    for name, keep in subsets(task):
+        ids = [i for i, r in rows[0].items() if keep(r) and i in rows[1] and i in rows[2]]
+        got = [(bool(rows[0][i]["correct"]), bool(rows[1][i]["correct"] or rows[2][i]["correct"])) for i in ids]
+        a_only, b_only = sum(x and not y for x, y in got), sum(y and not x for x, y in got)
+        both = sum(x and y for x, y in got)
+        d, (lo, hi) = paired_difference(a_only, b_only, both, len(got) - a_only - b_only - both)
+        parts.append(f"{name} ({len(got)}): {100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}], right only "
+                     f"with it {a_only}, only in the ceiling {b_only}, p = {sign_test(a_only, b_only):.4f}")
+    return f"{arm} against that ceiling ({pair[0]} or {pair[1]}): " + "; ".join(parts) + "."
 
 
 def hints_cost_line(out: Path, suite: str) -> str:
@@ -481,7 +501,10 @@ def write_report(results: dict, out: Path) -> str:
                              "seed s of the other; Newcombe's paired 95% interval on the pooled pairs, and the "
                              "interval with questions as units; exact sign test over questions, Holm over the "
                              "table):\n\n" + table)
-            parts += [line for pair in UNIONS if (line := union_line(out, suite, pair=pair))]
+            for pair in UNIONS:
+                if line := union_line(out, suite, pair=pair):
+                    parts.append(line)
+                    parts += [line for arm in TO_CEILING if (line := ceiling_line(out, suite, arm, pair=pair))]
         if any(r.get("curve") for r in results["suites"][suite].values()):
             parts.append("Learning curves:\n\n" + curve_table(results, suite))
             plot_curves(results, out, suite, out / f"curves-{suite}.png")

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from llm_modules.report import (holm, paired_difference, pooled_pairs, questions_interval, summary_stats, summary_table,
-                                union_line)
+from llm_modules.report import (ceiling_line, holm, paired_difference, pooled_pairs, questions_interval, summary_stats,
+                                summary_table, union_line)
 
 
 def test_holm_adjusts_a_known_example_and_keeps_the_input_order():
@@ -91,3 +91,14 @@ def test_the_union_ceiling_counts_items_right_with_either_model(tmp_path):
     assert union_line(tmp_path, "facts") == (
         "The union ceiling (right with smollm-ft-sentence or with large-alone-1.5b, item by item): all: 3/4 = 0.750 "
         "[0.301, 0.954]; answers never seen in training: 1/1 = 1.000 [0.207, 1.000].")
+
+
+def test_an_arm_against_the_union_ceiling_is_paired_item_by_item(tmp_path):
+    write(tmp_path, "smollm-ft-sentence", [1, 1, 0, 0, 0])
+    write(tmp_path, "large-alone-1.5b", [0, 1, 1, 0, 0])
+    write(tmp_path, "lora-sentence-1.5b", [1, 0, 0, 1, 0])  # the ceiling: q0-q2; LoRA q0 and q3
+    d, (lo, hi) = paired_difference(a_only=1, b_only=2, both=1, neither=1)
+    assert ceiling_line(tmp_path, "facts", "lora-sentence-1.5b").startswith(
+        f"lora-sentence-1.5b against that ceiling (smollm-ft-sentence or large-alone-1.5b): all (5): {100 * d:+.1f} "
+        f"points [{100 * lo:+.1f}, {100 * hi:+.1f}], right only with it 1, only in the ceiling 2, p = 1.0000; ")
+    assert ceiling_line(tmp_path, "facts", "fusion-smollm-ft-1.5b") == ""  # not evaluated
