@@ -161,16 +161,19 @@ def attention_mask_for(backbone: nn.Module, attention_mask: torch.Tensor, num_ne
     """The mask `backbone` is given for `num_new` new positions. With a cache that knows whether its batch has
     padding (kv_cache.DecodingCache), a mask whose making reads no value on the host: None without padding (what
     transformers makes of an all-ones mask: causal attention, no mask), and with padding, for SDPA models in
-    FULL_CAUSAL, the (B, 1, T, S) boolean mask transformers builds (its sdpa_mask) without the truth test it makes
-    first (a synchronization per step on a GPU). Otherwise the (B, S) mask itself."""
+    FULL_CAUSAL (and GPT-Neo after gpt_neo_sdpa.use_sdpa), the (B, 1, T, S) boolean mask transformers builds (its
+    sdpa_mask) without the truth test it makes first (a synchronization per step on a GPU). Otherwise the (B, S)
+    mask itself."""
     padded = getattr(cache, "padded", None)
     if padded is None or attention_mask is None:
         return attention_mask
     if not padded:
         return None
     config = backbone.config
-    if config.model_type not in FULL_CAUSAL or config._attn_implementation != "sdpa" \
-            or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+    full = config.model_type in FULL_CAUSAL and all(t == "full_attention" for t in getattr(config, "layer_types", ())
+                                                     or ())
+    # GPT-Neo switched to gpt_neo_sdpa's attention applies its local windows itself, over this causal mask.
+    if config._attn_implementation != "sdpa" or not (full or config.model_type == "gpt_neo"):
         return attention_mask
     from transformers.masking_utils import sdpa_mask
 

@@ -6,6 +6,9 @@ layers deep. `use_sdpa(model)` switches every GPT-Neo attention of `model` to on
 `F.scaled_dot_product_attention` (fused kernels on CUDA; on a CPU the gain is small). Same weights, same masks (the
 layer's own causal / local-window mask, plus the padding mask), same unscaled scores (GPT-Neo does not divide by
 sqrt(head_dim), hence scale=1.0); the scores are computed in the input's dtype (bf16 under autocast) rather than fp32.
+The model is switched to transformers' SDPA masks too (config._attn_implementation = "sdpa"): without padding they
+are None, and global layers (and local ones shorter than their window) then run `is_causal=True` with no mask at all
+(flash kernels on CUDA); with padding, the boolean (B, 1, T, S) mask is combined with the layer's window.
 Hand-written because transformers has no SDPA path for GPT-Neo; it replaces the one method that differs (`_attn`).
 
 `GPTNeoEagerAttention` is transformers' eager attention unchanged but for one line: its mask value is a Python number,
@@ -41,15 +44,28 @@ class GPTNeoEagerAttention(GPTNeoSelfAttention):
 class GPTNeoSDPAAttention(GPTNeoSelfAttention):
     def _attn(self, query, key, value, attention_mask=None):
         q_len, k_len = query.size(-2), key.size(-2)
+        p = self.attn_dropout.p if self.training else 0.0
+        v = value.to(query.dtype)
+        # No padding (transformers' SDPA masking gives None then): a global layer, or a local one whose keys all lie
+        # in its window, is plain causal attention, so no mask is built: is_causal for a whole sequence, nothing for
+        # one new position (it sees every cached key).
+        if attention_mask is None and (self.attention_type == "global" or k_len <= self.config.window_size) \
+                and q_len in (1, k_len):
+            out = F.scaled_dot_product_attention(query, key, v, dropout_p=p, is_causal=q_len > 1, scale=1.0)
+            return out.to(value.dtype), None
         allowed = self.bias[:, :, k_len - q_len:k_len, :k_len]  # causal, and the window on local layers
-        lowest = torch.finfo(query.dtype).min
-        # An additive mask, not a boolean one: a row with no allowed key (a left-padding position) then gets
-        # uniform weights, as in the eager attention, instead of NaN.
-        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, lowest)
-        if attention_mask is not None:
+        if attention_mask is None:
+            mask = allowed  # boolean: every row keeps at least its own position
+        else:
+            lowest = torch.finfo(query.dtype).min
+            if attention_mask.dtype == torch.bool:  # transformers' SDPA mask: True where a query may attend
+                attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype,
+                                             device=query.device).masked_fill(~attention_mask, lowest)
+            # An additive mask, not a boolean one: a row with no allowed key (a left-padding position) then gets
+            # uniform weights, as in the eager attention, instead of NaN.
+            mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, lowest)
             mask = (mask + attention_mask.to(query.dtype)).clamp(min=lowest)
-        out = F.scaled_dot_product_attention(query, key, value.to(query.dtype), attn_mask=mask,
-                                             dropout_p=self.attn_dropout.p if self.training else 0.0, scale=1.0)
+        out = F.scaled_dot_product_attention(query, key, v, attn_mask=mask, dropout_p=p, scale=1.0)
         return out.to(value.dtype), None
 
 
@@ -58,6 +74,8 @@ def _switch(model: nn.Module, to: type) -> int:
     for module in model.modules():
         if type(module) in (GPTNeoSelfAttention, GPTNeoEagerAttention) and type(module) is not to:
             module.__class__ = to
+            if to is GPTNeoSDPAAttention:  # the model then builds SDPA masks: None where nothing is padded
+                module.config._attn_implementation = "sdpa"
             switched += 1
     return switched
 

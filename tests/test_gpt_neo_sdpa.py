@@ -94,3 +94,75 @@ def test_eager_attention_without_host_copies_is_bit_for_bit_transformers():
     assert torch.equal(outs[0][0], outs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
     assert use_sdpa(ours) == 2
+
+
+def _sdpa_calls(monkeypatch):
+    """Record (has a mask, is_causal) of every scaled_dot_product_attention call of gpt_neo_sdpa."""
+    import llm_modules.gpt_neo_sdpa as module
+
+    calls, real = [], module.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((attn_mask is not None, kw.get("is_causal", False)))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(module.F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("left_pad", [0, 3])
+def test_global_layers_without_padding_run_is_causal_with_no_mask(monkeypatch, left_pad):
+    """Without padding the global layer builds no mask (is_causal); the local layer, longer than its window, keeps
+    its window mask; with padding both get a mask. Outputs equal eager's either way (the test above)."""
+    model = tiny_neo(window=4)
+    use_sdpa(model)
+    calls = _sdpa_calls(monkeypatch)
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :left_pad] = 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert calls == ([(False, True), (True, False)] if left_pad == 0 else [(True, False), (True, False)])
+
+
+def test_window_longer_than_the_sequence_and_one_new_position_need_no_mask(monkeypatch):
+    eager = tiny_neo(window=16)
+    fast = copy.deepcopy(eager)
+    use_sdpa(fast)
+    calls = _sdpa_calls(monkeypatch)
+    ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(4))
+    got = [m.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+                      return_dict_in_generate=True) for m in (eager, fast)]
+    assert torch.equal(got[0].sequences, got[1].sequences)
+    for a, b in zip(got[0].scores, got[1].scores):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert calls and not any(has_mask for has_mask, _ in calls)  # prefill is_causal, each new token no mask
+
+
+def test_combined_model_with_sdpa_small_decodes_as_eager_without_syncs():
+    """The paper's pairing (Qwen2 large, GPT-Neo small), a left-padded batch of 3: the same step logits with the small
+    model's attention switched to SDPA, and no host synchronization inside a decode step."""
+    from tiny import tiny_config
+
+    from llm_modules import LLMModules
+    from llm_modules.generate import SamplingConfig, stream
+    from llm_modules.host_syncs import SyncCounter
+
+    eager = LLMModules.from_config(tiny_config()).eval()
+    fast = copy.deepcopy(eager)
+    assert use_sdpa(fast.small) == 2
+    g = torch.Generator().manual_seed(1)
+    ids, mask = torch.zeros(3, 9, dtype=torch.long), torch.zeros(3, 9, dtype=torch.long)
+    for i, n in enumerate((9, 4, 6)):
+        ids[i, 9 - n:], mask[i, 9 - n:] = torch.randint(0, 96, (n,), generator=g), 1
+    runs = [[s.logits for s in stream(m, ids, mask, SamplingConfig(max_new_tokens=8), use_cache=use_cache)]
+            for m, use_cache in ((eager, True), (fast, True), (fast, False))]
+    for steps in runs[1:]:
+        for a, b in zip(runs[0], steps):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        cache = fast.new_cache()
+        fast(ids, mask, cache=cache, logits_to_keep=1)
+        with SyncCounter() as syncs:
+            fast(ids[:, -1:], torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), cache=cache, logits_to_keep=1)
+    assert syncs.total == 0
