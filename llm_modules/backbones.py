@@ -161,9 +161,9 @@ def attention_mask_for(backbone: nn.Module, attention_mask: torch.Tensor, num_ne
     """The mask `backbone` is given for `num_new` new positions. With a cache that knows whether its batch has
     padding (kv_cache.DecodingCache), a mask whose making reads no value on the host: None without padding (what
     transformers makes of an all-ones mask: causal attention, no mask), and with padding, for SDPA models in
-    FULL_CAUSAL (and GPT-Neo after gpt_neo_sdpa.use_sdpa), the (B, 1, T, S) boolean mask transformers builds (its
-    sdpa_mask) without the truth test it makes first (a synchronization per step on a GPU). Otherwise the (B, S)
-    mask itself."""
+    FULL_CAUSAL (and GPT-Neo after gpt_neo_sdpa.use_sdpa), the (B, 1, T, S) mask transformers builds (its
+    sdpa_mask) without the truth test it makes first (a synchronization per step on a GPU), made additive once for
+    all layers (GPT-Neo's stays boolean). Otherwise the (B, S) mask itself."""
     padded = getattr(cache, "padded", None)
     if padded is None or attention_mask is None:
         return attention_mask
@@ -178,9 +178,14 @@ def attention_mask_for(backbone: nn.Module, attention_mask: torch.Tensor, num_ne
     from transformers.masking_utils import sdpa_mask
 
     B, S = attention_mask.shape
-    return sdpa_mask(batch_size=B, q_length=num_new, kv_length=S, q_offset=S - num_new, kv_offset=0,
+    mask = sdpa_mask(batch_size=B, q_length=num_new, kv_length=S, q_offset=S - num_new, kv_offset=0,
                      attention_mask=attention_mask.bool(), allow_is_causal_skip=False,
                      device=attention_mask.device)  # (B, 1, T, S)
+    if config.model_type == "gpt_neo" or torch.is_autocast_enabled(mask.device.type):
+        return mask
+    # Additive, as SDPA turns a boolean mask (0 where allowed, -inf elsewhere, in the query's dtype): once here
+    # instead of once in every layer (three operators a layer).
+    return torch.full(mask.shape, float("-inf"), dtype=backbone.dtype, device=mask.device).masked_fill_(mask, 0.0)
 
 
 # ---- tokenizers ------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ models with it (`no_host_copies`).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,17 +58,43 @@ class GPTNeoSDPAAttention(GPTNeoSelfAttention):
         allowed = self.bias[:, :, k_len - q_len:k_len, :k_len]  # causal, and the window on local layers
         if attention_mask is None:
             mask = allowed  # boolean: every row keeps at least its own position
-        else:
-            lowest = torch.finfo(query.dtype).min
-            if attention_mask.dtype == torch.bool:  # transformers' SDPA mask: True where a query may attend
-                attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype,
-                                             device=query.device).masked_fill(~attention_mask, lowest)
-            # An additive mask, not a boolean one: a row with no allowed key (a left-padding position) then gets
-            # uniform weights, as in the eager attention, instead of NaN.
-            mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, lowest)
-            mask = (mask + attention_mask.to(query.dtype)).clamp(min=lowest)
+        else:  # built by the first layer of each kind (global / local), reused by the others of this forward
+            mask = _STEP_MASKS.get(attention_mask, (self.attention_type, self.config.window_size, query.dtype, q_len, k_len),
+                                   lambda: _padded_mask(allowed, attention_mask, query.dtype))
         out = F.scaled_dot_product_attention(query, key, v, attn_mask=mask, dropout_p=p, scale=1.0)
         return out.to(value.dtype), None
+
+
+def _padded_mask(allowed: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    lowest = torch.finfo(dtype).min
+    if attention_mask.dtype == torch.bool:  # transformers' SDPA mask: True where a query may attend
+        attention_mask = torch.zeros(attention_mask.shape, dtype=dtype,
+                                     device=attention_mask.device).masked_fill(~attention_mask, lowest)
+    # An additive mask, not a boolean one: a row with no allowed key (a left-padding position) then gets uniform
+    # weights, as in the eager attention, instead of NaN.
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, lowest)
+    return (mask + attention_mask.to(dtype)).clamp(min=lowest)
+
+
+class _StepMasks:
+    """The masks of one forward pass, shared by its layers: every layer is given the same attention mask object, so
+    that object (held weakly) tells a new forward pass from the same one. The (reference, masks) pair is replaced
+    as a whole, so a thread never reads another forward pass's masks."""
+
+    def __init__(self):
+        self.state = (lambda: None, {})
+
+    def get(self, attention_mask: torch.Tensor, key: tuple, build) -> torch.Tensor:
+        ref, masks = self.state
+        if ref() is not attention_mask:
+            masks = {}
+            self.state = (weakref.ref(attention_mask), masks)
+        if key not in masks:
+            masks[key] = build()
+        return masks[key]
+
+
+_STEP_MASKS = _StepMasks()
 
 
 def _switch(model: nn.Module, to: type) -> int:
