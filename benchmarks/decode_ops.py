@@ -8,7 +8,8 @@ Counted on the CPU with a TorchDispatchMode over the tiny model with the paper's
 benchmarks/decode_syncs.py (28 large, 2 bridge, 12 small layers; 1 thread): every aten operator, and the kernel-like
 ones (views, reshapes and other metadata-only operators left out), in one cached decode step of the combined model,
 split by part (large / bridge / small / head), and per generated token over a whole `generate` call; the large
-model alone (its transformers causal LM: the same 28 layers plus its own head) per token over `GenerationMixin.generate`.
+model alone (its transformers causal LM: the same 28 layers plus its own head) per token over transformers'
+`GenerationMixin.generate`.
 --small-attn sdpa switches the small model's attention to gpt_neo_sdpa's. --top lists the most frequent kernel-like
 operators of the combined step. Takes about 20 seconds.
 
@@ -131,9 +132,9 @@ def main() -> int:
         use_sdpa(model.small)
     ours = combined(model, args.batch, args.new_tokens)
     hf = large_alone(args.batch, args.new_tokens)
-    print(f"batch {args.batch}, small attention {args.small_attn}: combined model, one decode step: {ours['step_kernels']} kernel-like operators "
-          f"({ours['step_ops']} in all) {ours['step_kernels_by_part']}; per token over generate: "
-          f"{ours['generate_kernels_per_token']}; the large model alone under transformers' generate: "
+    print(f"batch {args.batch}, small attention {args.small_attn}: combined model, one decode step: "
+          f"{ours['step_kernels']} kernel-like operators ({ours['step_ops']} in all) {ours['step_kernels_by_part']}; "
+          f"per token over generate: {ours['generate_kernels_per_token']}; the large model alone under transformers' generate: "
           f"{hf['generate_kernels_per_token']} per token")
     print(json.dumps({"combined": {k: v for k, v in ours.items() if k != "top"}, "large_alone": hf,
                       "top_step_kernels": ours["top"][:args.top]}))

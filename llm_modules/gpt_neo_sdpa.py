@@ -59,8 +59,8 @@ class GPTNeoSDPAAttention(GPTNeoSelfAttention):
         if attention_mask is None:
             mask = allowed  # boolean: every row keeps at least its own position
         else:  # built by the first layer of each kind (global / local), reused by the others of this forward
-            mask = _STEP_MASKS.get(attention_mask, (self.attention_type, self.config.window_size, query.dtype, q_len, k_len),
-                                   lambda: _padded_mask(allowed, attention_mask, query.dtype))
+            kind = (self.attention_type, self.config.window_size, query.dtype, q_len, k_len)
+            mask = _STEP_MASKS.get(attention_mask, kind, lambda: _padded_mask(allowed, attention_mask, query.dtype))
         out = F.scaled_dot_product_attention(query, key, v, attn_mask=mask, dropout_p=p, scale=1.0)
         return out.to(value.dtype), None
 

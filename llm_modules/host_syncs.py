@@ -14,8 +14,9 @@ Hand-written (a TorchFunctionMode; torch has no such counter for the CPU). What 
   reads     item, __bool__, __int__, __float__, __index__, tolist, numpy, equal, allclose (a value the host needs);
   shapes    nonzero, argwhere, masked_select, unique, unique_consecutive, repeat_interleave with a tensor of repeats,
             and indexing with a boolean tensor (the output size depends on the data);
-  copies    torch.tensor / as_tensor / asarray of some data given a `device` (an empty one copies nothing), and `.to(device)` / `.cuda()` / `copy_` of a tensor made
-            from host data (torch.tensor or as_tensor without a device).
+  copies    torch.tensor / as_tensor / asarray of some data given a `device` (an empty one copies nothing), and
+            `.to(device)` / `.cuda()` / `copy_` of a tensor made from host data (torch.tensor or as_tensor without a
+            device).
 Tensors made on the host and read on the host (a CPU tensor of eos ids, say) are counted too when read: on a CPU run
 they cannot be told apart from device tensors, so code that means to stay on the host should keep Python values.
 """
@@ -78,7 +79,8 @@ class SyncCounter(TorchFunctionMode):
             return f"{name}(device=)"
         if name in MOVES and args:
             src = args[1] if name == "copy_" else args[0]
-            if isinstance(src, torch.Tensor) and id(src) in self._host and (name != "to" or _names_device(args, kwargs)):
+            moved = name != "to" or _names_device(args, kwargs)
+            if isinstance(src, torch.Tensor) and id(src) in self._host and moved:
                 return f"host {name}"
         return None
 
