@@ -213,7 +213,8 @@ class LLMModules(nn.Module):
         if attention_mask.shape != (B, P + T):
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be (B, cached + new) = {(B, P + T)}")
         position_ids = positions_from_mask(attention_mask)[:, P:]  # (B, T)
-        if P + T > min((n for n in self.position_limits.values() if n is not None), default=P + T):
+        limits = [n for n in self.position_limits.values() if n is not None]
+        if limits and P + T > min(limits):
             # Only near a limit: the exact check reads the positions on the host (a synchronization on a GPU).
             self.check_length(int(position_ids.max()) + 1 if position_ids.numel() else 0)
         small_cache = cache.small if cache is not None else None

@@ -95,3 +95,20 @@ def test_counter_counts_reads_copies_and_data_dependent_shapes():
         x + 1, torch.where(x > 1, x, -1.0), x.sum()  # none of these waits
     assert syncs.counts == {"item": 1, "__bool__": 2, "__int__": 1, "__float__": 1, "tolist": 1, "bool index": 1,
                             "nonzero": 1, "tensor(device=)": 1, "host to": 1}
+
+
+@pytest.mark.parametrize("batch", [1, 3], ids=["batch-1", "left-padded-3"])
+def test_a_decode_step_traces_as_one_graph(batch):
+    """torch._dynamo.explain finds no graph break in a cached decode step (a host read of a value breaks the graph
+    that torch.compile would capture)."""
+    model = LLMModules.from_config(tiny_config()).eval()
+    ids, mask = prompts(batch)
+    with torch.no_grad():
+        cache = model.new_cache()
+        token = model(ids, mask, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1)[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        try:
+            found = torch._dynamo.explain(lambda t, m: model(t, m, cache=cache, logits_to_keep=1).logits)(token, mask)
+        finally:
+            torch._dynamo.reset()
+    assert found.graph_break_count == 0, [str(r.reason).splitlines()[0] for r in found.break_reasons]
