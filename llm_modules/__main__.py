@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--questions", type=int, default=200, help="held-out facts asked to each model")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps of each trained arm (batch 16)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps of each trained arm (batch 16)")
     p.set_defaults(func=cmd_demo, config_overrides=True)
 
     p = sub.add_parser("cache-features", help="run the large model once over the data and store its states")
