@@ -1,6 +1,6 @@
 """Which configuration the demo runs: each candidate trained and answered exactly as `llm-modules demo` does it.
 
-    python benchmarks/demo_candidates.py [--output-dir runs/demo-candidates] [--questions 200] [--steps 30]
+    python benchmarks/demo_candidates.py [--output-dir runs/demo-candidates] [--questions 160] [--steps 30]
         [--candidates wide-sentence,wide-kd-sentence,narrow-object]
 
 Each candidate is a combined model and the same small model alone (its own embeddings, no large model), trained on
@@ -36,7 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--output-dir", default="runs/demo-candidates")
-    ap.add_argument("--questions", type=int, default=200)
+    ap.add_argument("--questions", type=int, default=DEMO.tests["facts"])
     ap.add_argument("--steps", type=int, default=DEMO.steps)
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
     ap.add_argument("--threads", type=int, default=2)

@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "combined model, the small model alone and the large model alone")
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--questions", type=int, default=200, help="held-out facts asked to each model")
+    p.add_argument("--questions", type=int, default=160, help="held-out facts asked to each model")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps of each trained arm (batch 16)")
     p.set_defaults(func=cmd_demo, config_overrides=True)
 

@@ -22,10 +22,10 @@ from .experiment import ARMS, GPT_NEO_125M, SUITES, Arm, arm_config, evaluate_ar
 from .plots import plot_metrics
 from .tasks import proportion_text
 
-# Sized for about 15 minutes on 2 CPU cores from an empty cache: one pass over 480 of the 6,955 train facts (30 steps
-# of 16), whose sentences the large model reads once into the feature cache.
+# Sized for 15 minutes on 2 CPU cores from a fresh clone and an empty cache (docs/demo.md): one pass over 480 of the
+# 6,955 train facts (30 steps of 16), whose sentences the large model reads once into the feature cache.
 DEMO = replace(SUITES["facts"], data={**SUITES["facts"].data, "max_examples": 480}, steps=30, batch_size=16,
-               tests={"facts": 200}, curve_points=1)
+               tests={"facts": 160}, curve_points=1)
 SHOWN = 5
 # The same small model (the paper's 768-wide GPT-Neo shape) with its own token embeddings and no large model.
 SMALL_ALONE_WIDE = Arm("small-alone-wide-sentence", "train",
@@ -37,7 +37,7 @@ DEMO_ARMS = {"combined": ARMS["combined-large-wide-kd-sentence"], "small-alone":
              "large-alone": ARMS["large-alone"]}
 
 
-def run_demo(cfg: LLMModulesConfig, out: Path, *, questions: int = 200, steps: int = DEMO.steps,
+def run_demo(cfg: LLMModulesConfig, out: Path, *, questions: int = DEMO.tests["facts"], steps: int = DEMO.steps,
              arms: dict = DEMO_ARMS, log=print) -> dict:
     t0 = time.perf_counter()
     suite = replace(DEMO, tests={"facts": questions}, steps=steps)
