@@ -618,15 +618,6 @@ ARMS.update((a.name, a) for a in (_seeded(ARMS[n], s) for n in ("smollm-ft-sente
                                   for s in (1, 2)))
 
 
-def baseline_runs(arm: Arm, suite: Suite, log=print) -> bool:
-    """Whether `arm` runs in `suite`: the few-shot and hint arms ask facts questions, so only a suite testing facts."""
-    if (arm.shots or arm.hints_from) and "facts" not in suite.tests:
-        log(f"\n--- {suite.name} / {arm.name}: skipped (its few-shot examples or hints are for facts questions, "
-            f"which this suite does not test) ---")
-        return False
-    return True
-
-
 def hint_source(arm: Arm) -> Arm:
     source = ARMS.get(arm.hints_from)
     if source is None or source.kind != "large" or source.shots:
@@ -676,6 +667,17 @@ def facts_prompt(arm: Arm, suite_dir: Path) -> Optional[dict]:
 
 
 # ---- the experiment -------------------------------------------------------------------------------------------
+def skip_reason(arm: Arm, suite: Suite) -> Optional[str]:
+    """Why `arm` does not run in `suite` (it needs something the suite lacks), or None."""
+    if arm.own_solutions and suite.solutions is None:
+        return "it trains on the large model's own solutions, which this suite does not define"
+    if arm.share is not None and suite.memory_steps is None:
+        return "it takes a share of split steps, which this suite does not split; the facts-decisive suite does"
+    if (arm.shots or arm.hints_from) and "facts" not in suite.tests:
+        return "its few-shot examples or hints are for facts questions, which this suite does not test"
+    return None
+
+
 def _earlier_results(path: Path) -> Optional[dict]:
     """The results.json of earlier runs in the same output directory, if it can be read."""
     try:
@@ -703,18 +705,11 @@ def run_experiment(base: LLMModulesConfig, out: Path, *, suites: list[str], arms
         for arm_name in arms if arms is not None else list(suite.arms) or DEFAULT_ARMS:
             arm = ARMS[arm_name]
             d = out / name / arm_name
-            if arm.own_solutions and suite.solutions is None:
-                log(f"\n--- {name} / {arm_name}: skipped (it trains on the large model's own solutions, which this "
-                    f"suite does not define) ---")
-                continue
-            if arm.share is not None and suite.memory_steps is None:
-                log(f"\n--- {name} / {arm_name}: skipped (it takes a share of split steps, which this suite does not "
-                    f"split; the facts-decisive suite does) ---")
+            if reason := skip_reason(arm, suite):
+                log(f"\n--- {name} / {arm_name}: skipped ({reason}) ---")
                 continue
             receiver = train_receiver(base, suite, arm, out / name, log) if arm.starts_from else None
             solutions = own_solutions(base, suite, out / name, log) if arm.own_solutions else None
-            if not baseline_runs(arm, suite, log):  # the baselines of issue 48: facts only
-                continue
             if arm.hints_from:
                 solutions = hinted_records(base, suite, arm, out / name, log)
             cfg = arm_config(base, suite, arm, d, solutions)
