@@ -110,6 +110,11 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
+def _answers(out: Path, suite: str, arm: str, task: str) -> dict[str, dict]:
+    """{item id: answer row} of an arm's evaluation on `task` (empty if it has none)."""
+    return {r["id"]: r for r in _rows(out / suite / arm / "eval" / f"{task}.jsonl")}
+
+
 def restricted(out: Path, suite: str, arm: str, relations: list[str], field: str = "correct") -> dict:
     """Facts accuracy of an arm over `relations` only, with its interval (`field`: "prior_correct" gives the floor
     of the relations' most frequent train answers on the same questions)."""
@@ -147,7 +152,7 @@ def paired_table(out: Path, suite: str, task: str) -> str:
     lines = ["| arm | compared with | items | right only in the arm | right only in the other | p (exact, two-sided) |",
              "|---|---|---|---|---|---|"]
     for a, b in PAIRS:
-        rows = [{r["id"]: r for r in _rows(out / suite / arm / "eval" / f"{task}.jsonl")} for arm in (a, b)]
+        rows = [_answers(out, suite, arm, task) for arm in (a, b)]
         if not rows[0] or not rows[1]:
             continue
         for name, keep in subsets(task):
@@ -164,8 +169,7 @@ def carried_table(out: Path) -> str:
     training."""
     lines = ["| arm | reading | items right with it and wrong with | of them right with the arm |", "|---|---|---|---|"]
     for arm, large, small in CARRIED:
-        rows = [{r["id"]: r for r in _rows(out / "facts" / name / "eval" / "facts.jsonl")}
-                for name in (arm, large, small)]
+        rows = [_answers(out, "facts", name, "facts") for name in (arm, large, small)]
         if not all(rows):
             continue
         for name, keep in subsets("facts"):
@@ -258,7 +262,7 @@ def pooled_pairs(out: Path, suite: str, task: str, a: str, b: str, keep=lambda r
     c = {"seeds": seeds, "n": 0, "both": 0, "a_only": 0, "b_only": 0, "neither": 0}
     per_question: dict[str, list[int]] = {}
     for s in seeds:
-        ra, rb = ({r["id"]: r for r in _rows(out / suite / runs[k][s] / "eval" / f"{task}.jsonl")} for k in (0, 1))
+        ra, rb = (_answers(out, suite, runs[k][s], task) for k in (0, 1))
         for i in (i for i, r in ra.items() if keep(r) and i in rb):
             x, y = bool(ra[i]["correct"]), bool(rb[i]["correct"])
             c["n"] += 1
@@ -323,7 +327,7 @@ def summary_table(out: Path, suite: str, task: str = "facts", comparisons=SUMMAR
 def union_line(out: Path, suite: str, task: str = "facts", pair=UNIONS[0]) -> str:
     """The union ceiling: the share of items right with either arm of `pair` (seed 0 of each), all and by subset:
     what a model that had both would answer."""
-    rows = [{r["id"]: r for r in _rows(out / suite / arm / "eval" / f"{task}.jsonl")} for arm in pair]
+    rows = [_answers(out, suite, arm, task) for arm in pair]
     if not all(rows):
         return ""
     parts = []
@@ -337,7 +341,7 @@ def union_line(out: Path, suite: str, task: str = "facts", pair=UNIONS[0]) -> st
 def ceiling_line(out: Path, suite: str, arm: str, task: str = "facts", pair=UNIONS[0]) -> str:
     """`arm` (seed 0) against the union ceiling of `pair` on the same items: the difference in points with its
     paired 95% interval (paired_difference) and the exact sign test's p, on all items and by subset."""
-    rows = [{r["id"]: r for r in _rows(out / suite / name / "eval" / f"{task}.jsonl")} for name in (arm, *pair)]
+    rows = [_answers(out, suite, name, task) for name in (arm, *pair)]
     if not all(rows):
         return ""
     parts = []
