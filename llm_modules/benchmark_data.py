@@ -2,7 +2,8 @@
 else $LLM_MODULES_DATA, else ../shared/data from the working directory, else shared/data beside this checkout; with
 --data-dir hub, the usual dataset ids. The facts also ship inside the package (llm_modules/data/facts, MIT): they are
 read from there when the folder found has no facts/ of its own, or when none is found and only facts are asked for.
-Used by the benchmarks (tasks.py, the lm-eval task YAMLs) and by training on benchmark train splits (data.benchmarks)."""
+Used by the benchmarks (tasks.py, the lm-eval task YAMLs) and by training on benchmark train splits
+(data.benchmarks)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ DATA_ENV = "LLM_MODULES_DATA"
 HUB = "hub"  # --data-dir hub: the usual dataset ids instead of local files
 REPO_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # a checkout beside the project's shared/
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"  # what ships with the package: facts/ only
-SHIPPED = {"facts"}
+SHIPPED = {"facts", "facts_train"}  # tasks read from the shipped facts alone
 HUB_IDS = "openai/gsm8k, Rowan/hellaswag, allenai/ai2_arc, HuggingFaceH4/MATH-500"
 
 

@@ -3,11 +3,11 @@
 The facts of the train subjects teach the question format (facts.py); the test asks about held-out subjects, whose
 answers appear nowhere in training. The combined model (the config's large model, the paper's 768-wide small model
 shape, `bridge.init: large`, KL to the large model, whole-sentence answers: DEMO_ARMS, picked among the candidates of
-benchmarks/demo_candidates.py) and the same small model alone train for the same steps on the same batches; both, and the large model alone, then
-answer the same held-out questions. The table gives their accuracy with its interval, over all questions and over
-those whose answer is no train answer of their relation, beside the floor of answering with the relation's most
-frequent train answer; then the first five held-out questions (the head of the fixed held-out order, not picked)
-with each model's answer and the reference.
+benchmarks/demo_candidates.py) and the same small model alone train for the same steps on the same batches; both,
+and the large model alone, then answer the same held-out questions. The table gives their accuracy with its
+interval, over all questions and over those whose answer is no train answer of their relation, beside the floor of
+answering with the relation's most frequent train answer; then the first five held-out questions (the head of the
+fixed held-out order, not picked) with each model's answer and the reference.
 """
 from __future__ import annotations
 

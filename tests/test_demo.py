@@ -30,6 +30,7 @@ def test_demo_data_is_prepared_with_no_shared_data(no_shared_data):
     root = benchmark_data.find_data_dir(None, ["facts"])
     items = tasks.GENERATION_TASKS["facts"].load(root)
     assert root == benchmark_data.PACKAGE_DATA
+    assert benchmark_data.find_data_dir(None, ["facts_train"]) == root  # the text hint's train answers, likewise
     assert len(records) > 6000 and len(items) > 2800
     train_questions = {r[2][0]["content"] for r in records}
     assert not train_questions & {i.question for i in items}  # held-out questions never asked in training
